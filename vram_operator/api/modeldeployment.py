@@ -1,0 +1,282 @@
+"""ModelDeployment: what a user wants loaded, and what the operator says happened."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
+
+from .common import (
+    Backend,
+    CamelModel,
+    Conditions,
+    Duration,
+    ModelState,
+    Priority,
+    Quantity,
+)
+from .quantity import parse_duration, parse_positive_bytes
+
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+
+# Flags the vLLM supervisor sets itself from the placement; a user value would fight it.
+SUPERVISOR_OWNED_VLLM_FLAGS = (
+    "--port",
+    "--host",
+    "--gpu-memory-utilization",
+    "--enable-sleep-mode",
+)
+_OLLAMA_REF = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/-]*(:[a-zA-Z0-9._-]+)?$")
+_VLLM_REF = re.compile(r"^(/[^\s]+|[a-zA-Z0-9][a-zA-Z0-9._-]*/[a-zA-Z0-9][a-zA-Z0-9._-]*)$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """An invalid spec: `field` is the dotted path, `message` says what is allowed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class VLLMOptions(CamelModel):
+    """Options passed to `vllm serve` for this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    args: list[str] = Field(default_factory=list)
+    """Extra `vllm serve` arguments, such as `--max-model-len=4096`. The supervisor sets
+    --port, --host, --gpu-memory-utilization and --enable-sleep-mode itself."""
+
+    sleep_mode: bool = True
+    """Allow parking the model in host RAM (vLLM sleep level 1) instead of unloading it."""
+
+
+class OllamaOptions(CamelModel):
+    """Options passed to Ollama when loading this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Ollama model options (`num_ctx`, `num_gpu`, ...), passed as `options` to /api/generate."""
+
+
+class Toleration(CamelModel):
+    """Allows placement on nodes whose taints it matches, as a Pod toleration does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = None
+    """The taint key; empty with operator Exists matches every taint."""
+
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists matches any value; Equal matches `value`."""
+
+    value: str | None = None
+    """The taint value to match when operator is Equal."""
+
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect to match; empty matches every effect."""
+
+
+class ModelDeploymentSpec(CamelModel):
+    """A model to keep resident in GPU memory on `replicas` nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
+    """The backend's reference: `llama3.2:1b` for Ollama; `Qwen/Qwen2.5-0.5B-Instruct` or an
+    absolute path for vLLM."""
+
+    backend: Backend
+    """The inference server that holds the model: ollama or vllm."""
+
+    priority: Priority = Priority.NORMAL
+    """critical, high, normal or low. critical is never evicted; higher priorities displace
+    lower ones when memory runs out."""
+
+    replicas: Annotated[int, Strict(), Field(ge=0, le=64)] = 1
+    """How many GPUs, on distinct nodes, keep the model loaded. 0 keeps the object but unloads."""
+
+    vram: Quantity | None = None
+    """GPU memory the model needs (6Gi, 6.5Gi, 500M). When absent it is estimated from the
+    model's metadata and the status says how."""
+
+    keep_alive: Duration | None = None
+    """Idle time after which the model may be unloaded (30m, 1h). Absent: kept while it fits."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels that a node must carry to hold this model."""
+
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints of nodes this model may be placed on."""
+
+    vllm: VLLMOptions | None = None
+    """vLLM options; only with backend vllm."""
+
+    ollama: OllamaOptions | None = None
+    """Ollama options; only with backend ollama."""
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Self:
+        _check_model_ref(self.backend, self.model)
+        if self.vllm is not None and self.backend is not Backend.VLLM:
+            raise SpecError("spec.vllm", f"only allowed with backend vllm, not {self.backend}")
+        if self.ollama is not None and self.backend is not Backend.OLLAMA:
+            raise SpecError("spec.ollama", f"only allowed with backend ollama, not {self.backend}")
+        if self.vllm is not None:
+            for index, arg in enumerate(self.vllm.args):
+                flag = arg.split("=", 1)[0]
+                if flag in SUPERVISOR_OWNED_VLLM_FLAGS:
+                    raise SpecError(
+                        f"spec.vllm.args[{index}]",
+                        f"{flag} is set by the supervisor from the placement; remove it "
+                        "(use spec.vram to size the model)",
+                    )
+        for key, value in self.node_selector.items():
+            if not _LABEL_KEY.match(key) or len(key) > 316:
+                raise SpecError(
+                    f"spec.nodeSelector.{key}",
+                    "not a valid label key; use [prefix/]name with alphanumerics, '-', '_', '.'",
+                )
+            if not _LABEL_VALUE.match(value):
+                raise SpecError(
+                    f"spec.nodeSelector.{key}",
+                    f"{value!r} is not a valid label value; use at most 63 alphanumerics, "
+                    "'-', '_' or '.', starting and ending with an alphanumeric",
+                )
+        for index, toleration in enumerate(self.tolerations):
+            if toleration.operator == "Exists" and toleration.value:
+                raise SpecError(
+                    f"spec.tolerations[{index}].value", "must be empty when operator is Exists"
+                )
+            if toleration.operator == "Equal" and not toleration.key:
+                raise SpecError(
+                    f"spec.tolerations[{index}].key", "is required when operator is Equal"
+                )
+        return self
+
+    @property
+    def vram_bytes(self) -> int | None:
+        """The requested VRAM in bytes, or None when it is to be estimated."""
+        return None if self.vram is None else parse_positive_bytes(self.vram)
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        return None if self.keep_alive is None else parse_duration(self.keep_alive)
+
+
+def _check_model_ref(backend: Backend, model: str) -> None:
+    if backend is Backend.OLLAMA and not _OLLAMA_REF.match(model):
+        raise SpecError(
+            "spec.model",
+            f"{model!r} is not an Ollama model reference; use name[:tag], e.g. llama3.2:1b",
+        )
+    if backend is Backend.VLLM and not _VLLM_REF.match(model):
+        raise SpecError(
+            "spec.model",
+            f"{model!r} is not a vLLM model; use a Hugging Face id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct or an absolute path",
+        )
+
+
+class Placement(CamelModel):
+    """One replica: where it is and how it is doing."""
+
+    node: str
+    """The node (and GPUNode) holding this replica."""
+
+    gpu_uuid: str | None = None
+    """The GPU's UUID as NVML reports it."""
+
+    state: ModelState
+    """Pending, Loading, Loaded, Sleeping, Evicted or Failed."""
+
+    vram_bytes: Annotated[int, Field(ge=0)] | None = None
+    """GPU memory this replica holds, measured by the agent once loaded."""
+
+    progress: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Download and load progress in percent."""
+
+    last_error: str | None = None
+    """The backend's message from the last failure."""
+
+
+class ModelDeploymentStatus(CamelModel):
+    """Written only by the operator."""
+
+    observed_generation: int | None = None
+    """The spec generation this status describes."""
+
+    conditions: Conditions = Field(default_factory=list)
+    """Scheduled, Loaded and Ready, in the KEP-1623 shape."""
+
+    ready_replicas: Annotated[int, Field(ge=0)] = 0
+    """Replicas loaded and serving."""
+
+    ready: str | None = None
+    """readyReplicas/replicas, for kubectl get."""
+
+    vram: str | None = None
+    """The VRAM one replica needs (requested or estimated), for kubectl get."""
+
+    vram_bytes: Annotated[int, Field(ge=0)] | None = None
+    """The VRAM one replica needs, in bytes."""
+
+    vram_source: str | None = None
+    """How vramBytes was found: spec, measured, ollama-show, gguf-header, safetensors-header
+    or file-size."""
+
+    placements: list[Placement] = Field(default_factory=list)
+    """One entry per replica placed."""
+
+
+class ModelDeployment(CamelModel):
+    """A model kept resident in GPU memory across the cluster."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["vram.dev/v1alpha1"] = "vram.dev/v1alpha1"
+    kind: Literal["ModelDeployment"] = "ModelDeployment"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus | None = None
+
+
+def parse_spec(spec: Any) -> ModelDeploymentSpec:
+    """Validate a spec dict as stored by the API server; raise SpecError naming the field."""
+    if not isinstance(spec, dict):
+        raise SpecError("spec", f"must be an object, got {type(spec).__name__}")
+    try:
+        return ModelDeploymentSpec.model_validate(spec)
+    except SpecError:
+        raise
+    except ValidationError as exc:
+        raise spec_error_from(exc, prefix="spec") from None
+
+
+def spec_error_from(exc: ValidationError, prefix: str) -> SpecError:
+    """Turn pydantic's first error into a SpecError with a dotted camelCase path."""
+    error = exc.errors()[0]
+    ctx = error.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, SpecError):
+        return inner
+    path = prefix
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    message = str(inner) if isinstance(inner, ValueError) else error["msg"]
+    if error["type"] == "missing":
+        message = "is required"
+    elif error["type"] == "extra_forbidden":
+        message = "is not a known field; remove it or check its spelling"
+    elif error["type"] == "enum":
+        message = f"{error.get('input')!r} is not allowed; expected {ctx.get('expected')}"
+    return SpecError(path, message)
