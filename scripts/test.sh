@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up and run every check on a fresh machine: a virtualenv with the package and its test
+# extra, the local control plane (built once, then cached), lint, types, import contracts
+# and all test tiers. Extra arguments go to pytest (e.g. `scripts/test.sh -m unit`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+
+log() { printf '[test] %s\n' "$*" >&2; }
+
+if [[ ! -x "${VENV}/bin/python" ]]; then
+    log "creating ${VENV}"
+    "${PYTHON}" -m venv "${VENV}"
+fi
+log "installing vram-operator[test] into ${VENV}"
+"${VENV}/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+export PATH="${PWD}/${VENV}/bin:${PATH}"
+
+log "installing the local control plane (cached after the first build)"
+bash scripts/install-control-plane.sh
+
+log "ruff"
+ruff check .
+ruff format --check .
+log "mypy"
+mypy vram_operator tests
+log "import contracts"
+lint-imports
+
+log "pytest"
+set +e
+python -m pytest -m "not benchmark and not stress" "$@"
+status=$?
+set -e
+if [[ ${status} -eq 5 ]]; then
+    log "pytest collected no tests: that is a failure here"
+    exit 1
+fi
+exit ${status}

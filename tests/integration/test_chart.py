@@ -1,0 +1,476 @@
+"""The Helm chart: it lints, renders with defaults and with every switch on, the real API
+server accepts every object it renders, and the real RBAC authorizer gives the operator and
+the agent what they need and nothing they must not have.
+
+No kubelet runs, so the Deployment and DaemonSet are stored but never start pods; what this
+proves is that they pass API validation and that their ServiceAccounts' rights are right.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from vram_operator.localcluster import INSTALL_HINT, cache_bin_dir
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "vram-operator"
+
+# Every optional switch of values.yaml turned on (or to its non-default branch).
+ALL_SWITCHES: dict[str, Any] = {
+    "commonLabels": {"team": "ml-platform"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "operator": {
+        "podAntiAffinity": "hard",
+        "extraArgs": ["--verbose"],
+        "extraEnv": [{"name": "EXTRA", "value": "1"}],
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"example.com/a": "b"},
+        "podLabels": {"tier": "control"},
+        "serviceAccount": {"annotations": {"example.com/role": "operator"}},
+    },
+    "agent": {
+        "dropPageCacheAbove": "20Gi",
+        "cleanOrphanShm": True,
+        "priorityClassName": "system-node-critical",
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "nvidia.com/gpu.count", "operator": "Exists"}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "extraArgs": ["--simulate-gpus=/tmp/gpus.json"],
+    },
+    "ollama": {"gpus": 0, "storage": {"type": "emptyDir", "sizeLimit": "100Gi"}},
+    "vllm": {
+        "gpus": 2,
+        "hfTokenSecret": {"name": "hf-token"},
+        "storage": {"type": "persistentVolumeClaim", "existingClaim": "model-cache"},
+        "extraArgs": ["--log-level=DEBUG"],
+    },
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+}
+
+
+def _helm_path() -> Path:
+    """helm from the install script's cache folder, else from PATH."""
+    cached = cache_bin_dir() / "helm"
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return cached
+    found = shutil.which("helm")
+    if found is None:
+        # Fail rather than skip, like the control plane fixture: a skip would hide a
+        # missing install step in CI.
+        pytest.fail(f"helm not found in {cached.parent} or on PATH; {INSTALL_HINT}", pytrace=False)
+    return Path(found)
+
+
+@dataclass(frozen=True)
+class Helm:
+    """Runs helm on the chart; render() returns the objects as dicts."""
+
+    binary: Path
+    kube_version: str
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), *args], capture_output=True, text=True, check=False, timeout=120
+        )
+
+    def template(
+        self, release: str, namespace: str, values: Path | None = None, *extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        args = ["template", release, str(CHART), "--namespace", namespace]
+        args += ["--kube-version", self.kube_version, "--include-crds"]
+        if values is not None:
+            args += ["--values", str(values)]
+        return self.run(*args, *extra)
+
+    def render(
+        self, release: str, namespace: str, values: Path | None = None, *extra: str
+    ) -> list[dict[str, Any]]:
+        done = self.template(release, namespace, values, *extra)
+        assert done.returncode == 0, done.stderr
+        return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def helm(k8s_client: client.ApiClient) -> Helm:
+    """helm, rendering for the version of the API server the objects are applied to."""
+    version = client.VersionApi(k8s_client).get_code().git_version
+    return Helm(_helm_path(), version)
+
+
+@pytest.fixture(scope="module")
+def all_switches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("values") / "all-switches.yaml"
+    path.write_text(yaml.safe_dump(ALL_SWITCHES))
+    return path
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(matches) == 1, f"{kind} *{name_suffix}: {[d['metadata']['name'] for d in matches]}"
+    return matches[0]
+
+
+def _containers(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@dataclass(frozen=True)
+class Release:
+    """A rendered release applied to the API server, and its objects as the server stored them."""
+
+    name: str
+    namespace: str
+    rendered: list[dict[str, Any]]
+    stored: list[dict[str, Any]]
+
+    def stored_object(self, kind: str, name_suffix: str = "") -> dict[str, Any]:
+        return _find(self.stored, kind, name_suffix)
+
+    def service_account(self, component: str) -> str:
+        name = _find(self.rendered, "ServiceAccount", f"-{component}")["metadata"]["name"]
+        return f"system:serviceaccount:{self.namespace}:{name}"
+
+
+def _served(kubectl: Kubectl, api_version: str) -> bool:
+    versions = kubectl("api-versions", check=True).stdout.split()
+    return api_version in versions
+
+
+@pytest.fixture(scope="module")
+def apply_release(
+    helm: Helm, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[Path | None], Release]]:
+    """apply(values) renders a release with a unique name into a fresh namespace, applies it
+    server-side and reads every object back. Teardown deletes the namespaces and the
+    release's cluster-scoped objects; the CRDs stay, as `helm uninstall` leaves them."""
+    made: list[Release] = []
+
+    def apply(values: Path | None) -> Release:
+        suffix = secrets.token_hex(3)
+        name, namespace = f"chart-{suffix}", f"vram-chart-{suffix}"
+        docs = helm.render(name, namespace, values)
+        kubectl("create", "namespace", namespace, check=True)
+        release = Release(name, namespace, docs, [])
+        made.append(release)
+        # ServiceMonitors need the Prometheus Operator's CRDs; applied only where served.
+        monitoring = _served(kubectl, "monitoring.coreos.com/v1")
+        applied = [d for d in docs if monitoring or d["apiVersion"] != "monitoring.coreos.com/v1"]
+        manifest = tmp_path_factory.mktemp(name) / "manifest.yaml"
+        manifest.write_text(yaml.safe_dump_all(applied))
+        done = kubectl(
+            "apply", "--server-side", "--force-conflicts", "--field-manager=vram-chart-test",
+            "-f", str(manifest),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        got = kubectl("get", "-f", str(manifest), "-o", "yaml", check=True)
+        stored = yaml.safe_load(got.stdout)["items"]
+        assert len(stored) == len(applied)
+        return Release(name, namespace, docs, stored)
+
+    yield apply
+
+    for release in made:
+        selector = f"app.kubernetes.io/instance={release.name}"
+        kubectl("delete", "clusterrolebinding,clusterrole", "-l", selector, "--wait=false")
+        # No controller-manager runs, so the namespace stays Terminating; names are unique.
+        kubectl("delete", "namespace", release.namespace, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def default_release(apply_release: Callable[[Path | None], Release]) -> Release:
+    return apply_release(None)
+
+
+def test_chart_lints_strictly(helm: Helm, all_switches: Path) -> None:
+    for extra in ([], ["--values", str(all_switches)]):
+        done = helm.run("lint", "--strict", str(CHART), *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "0 chart(s) failed" in done.stdout
+
+
+def test_default_release_is_accepted_whole(default_release: Release) -> None:
+    kinds = sorted(d["kind"] for d in default_release.rendered)
+    assert kinds == sorted(
+        ["CustomResourceDefinition"] * 2
+        + ["ServiceAccount"] * 2
+        + ["ClusterRole", "ClusterRoleBinding"] * 2
+        + ["Role", "RoleBinding", "Deployment", "PodDisruptionBudget", "DaemonSet"]
+        + ["Service"] * 2
+    )
+    crds = {d["metadata"]["name"] for d in default_release.rendered if d["kind"].startswith("Cus")}
+    assert crds == {"modeldeployments.vram.dev", "gpunodes.vram.dev"}
+    # The server picked the PodDisruptionBudget version it serves (policy/v1 is 1.21+).
+    pdb = default_release.stored_object("PodDisruptionBudget")
+    assert pdb["apiVersion"] in ("policy/v1", "policy/v1beta1")
+
+
+def test_operator_deployment_is_ha_and_locked_down(default_release: Release) -> None:
+    deployment = default_release.stored_object("Deployment", "-operator")
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    anti = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = anti[0]["podAffinityTerm"]
+    assert term["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (operator,) = spec["containers"]
+    assert operator["args"][0] == "operator"
+    assert "--metrics-port=9300" in operator["args"]
+    assert "--namespace=$(POD_NAMESPACE)" in operator["args"]
+    assert _env(operator)["POD_NAMESPACE"] == {
+        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}
+    }
+    assert operator["securityContext"]["readOnlyRootFilesystem"] is True
+    assert operator["securityContext"]["allowPrivilegeEscalation"] is False
+    assert set(operator["resources"]) == {"requests", "limits"}
+
+
+def test_agent_daemonset_defaults(default_release: Release) -> None:
+    daemonset = default_release.stored_object("DaemonSet", "-agent")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    assert spec["runtimeClassName"] == "nvidia"
+    assert "hostIPC" not in spec
+    containers = _containers(daemonset)
+    assert list(containers) == ["agent", "ollama", "vllm"]
+
+    agent = containers["agent"]
+    assert agent["args"] == [
+        "agent",
+        "--ollama-url=http://127.0.0.1:11434",
+        "--vllm-supervisor-url=http://127.0.0.1:8900",
+        "--report-interval=10",
+        "--policy=hybrid",
+        "--min-residency=120",
+        "--psi-threshold=10",
+        "--min-free=256Mi",
+        "--metrics-port=9400",
+        "--proc=/host/proc",
+        "--log-level=INFO",
+    ]
+    env = _env(agent)
+    assert env["NODE_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    security = agent["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert "privileged" not in security
+    assert "nvidia.com/gpu" not in agent["resources"].get("limits", {})
+    proc_mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/host/proc")
+    assert proc_mount["readOnly"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[proc_mount["name"]]["hostPath"]["path"] == "/proc"
+
+    ollama = containers["ollama"]
+    assert ollama["image"] == "ollama/ollama:0.12.3"
+    assert _env(ollama)["OLLAMA_KEEP_ALIVE"] == "-1"
+    assert "OLLAMA_MAX_LOADED_MODELS" in _env(ollama)
+    assert ollama["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert volumes["ollama-models"]["hostPath"]["path"] == "/var/lib/vram-operator/ollama"
+
+    vllm = containers["vllm"]
+    assert vllm["command"] == ["vram-operator", "vllm-supervisor"]
+    assert vllm["args"] == ["--port=8900"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_every_switch_on_is_accepted(
+    apply_release: Callable[[Path | None], Release], all_switches: Path
+) -> None:
+    release = apply_release(all_switches)
+
+    deployment = release.stored_object("Deployment", "-operator")
+    pod = deployment["spec"]["template"]["spec"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in pod["affinity"]["podAntiAffinity"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["tier"] == "control"
+    assert deployment["metadata"]["labels"]["team"] == "ml-platform"
+    assert _containers(deployment)["operator"]["args"][-1] == "--verbose"
+
+    daemonset = release.stored_object("DaemonSet", "-agent")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["hostIPC"] is True
+    assert "nodeAffinity" in spec["affinity"]
+    containers = _containers(daemonset)
+    agent = containers["agent"]
+    assert "--drop-page-cache-above=20Gi" in agent["args"]
+    assert "--clean-orphan-shm" in agent["args"]
+    assert agent["args"][-1] == "--simulate-gpus=/tmp/gpus.json"
+    assert agent["securityContext"]["privileged"] is True
+    assert agent["securityContext"]["runAsUser"] == 0
+    proc_mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/host/proc")
+    assert not proc_mount.get("readOnly", False)  # drop_caches is written through it
+
+    ollama, vllm = containers["ollama"], containers["vllm"]
+    assert _env(ollama)["NVIDIA_VISIBLE_DEVICES"] == "all"  # gpus: 0 shares every GPU
+    assert "nvidia.com/gpu" not in ollama["resources"]["limits"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "NVIDIA_VISIBLE_DEVICES" not in _env(vllm)  # the device plugin sets it
+    assert _env(vllm)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["ollama-models"]["emptyDir"]["sizeLimit"] == "100Gi"
+    assert volumes["vllm-cache"]["persistentVolumeClaim"]["claimName"] == "model-cache"
+
+    # ServiceMonitors select the metrics Services of their own component.
+    monitors = [d for d in release.rendered if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 2
+    services = [d for d in release.rendered if d["kind"] == "Service"]
+    for monitor in monitors:
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        (service,) = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+        assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_switches_that_remove_parts(helm: Helm) -> None:
+    no_sidecars = helm.render(
+        "bare", "vram-system", None, "--set", "ollama.enabled=false,vllm.enabled=false"
+    )
+    daemonset = _find(no_sidecars, "DaemonSet")
+    containers = _containers(daemonset)
+    assert list(containers) == ["agent"]
+    assert not any("-url=" in arg for arg in containers["agent"]["args"])
+    volumes = {v["name"] for v in daemonset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes == {"host-proc", "tmp"}
+
+    no_agent = helm.render(
+        "bare", "vram-system", None,
+        "--set", "agent.enabled=false,metrics.service.enabled=false,operator.replicas=1",
+    )  # fmt: skip
+    kinds = sorted(d["kind"] for d in no_agent if d["kind"] != "CustomResourceDefinition")
+    assert kinds == sorted(
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"]
+    )
+
+    no_rbac = helm.render("bare", "vram-system", None, "--set", "rbac.create=false")
+    assert not [d for d in no_rbac if d["apiVersion"].startswith("rbac.authorization.k8s.io")]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("agent.policy=fifo", "agent/policy"),
+        ("ollama.storage.type=nfs", "ollama/storage/type"),
+        ("vllm.storage.type=persistentVolumeClaim", "vllm.storage.existingClaim is required"),
+        ("operator.podAntiAffinity=sometimes", "operator/podAntiAffinity"),
+        ("agent.psiThreshold=150", "agent/psiThreshold"),
+    ],
+)
+def test_bad_values_are_refused_with_the_value_named(helm: Helm, values: str, message: str) -> None:
+    done = helm.template("bad", "vram-system", None, "--set", values)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def _can(kubectl: Kubectl, who: str, verb: str, resource: str, *extra: str) -> bool:
+    done = kubectl("auth", "can-i", verb, resource, f"--as={who}", *extra)
+    answer = done.stdout.strip()
+    assert answer in ("yes", "no"), done.stderr
+    return answer == "yes"
+
+
+# (verb, resource, extra kubectl arguments); "{ns}" is the release namespace.
+OPERATOR_MAY = [
+    ("patch", "modeldeployments.vram.dev", ["--subresource=status", "-n", "team-a"]),
+    ("update", "modeldeployments.vram.dev", ["--subresource=status", "-n", "team-a"]),
+    ("watch", "modeldeployments.vram.dev", ["--all-namespaces"]),
+    ("update", "modeldeployments.vram.dev", ["--subresource=finalizers", "-n", "team-a"]),
+    ("watch", "gpunodes.vram.dev", []),
+    ("patch", "gpunodes.vram.dev", []),
+    ("delete", "gpunodes.vram.dev", []),
+    ("watch", "nodes", []),
+    ("create", "events", ["-n", "team-a"]),
+    ("create", "events.events.k8s.io", ["-n", "team-a"]),
+    ("update", "leases.coordination.k8s.io", ["-n", "{ns}"]),
+    ("create", "leases.coordination.k8s.io", ["-n", "{ns}"]),
+    ("watch", "customresourcedefinitions.apiextensions.k8s.io", []),
+    ("list", "namespaces", []),
+]
+OPERATOR_MAY_NOT = [
+    ("delete", "pods", ["-n", "{ns}"]),
+    ("delete", "pods", ["--all-namespaces"]),
+    ("get", "secrets", ["-n", "{ns}"]),
+    ("list", "secrets", ["--all-namespaces"]),
+    ("update", "leases.coordination.k8s.io", ["-n", "kube-system"]),
+    ("update", "gpunodes.vram.dev", ["--subresource=status"]),  # the agents' to write
+    ("delete", "modeldeployments.vram.dev", ["-n", "team-a"]),
+    ("patch", "nodes", []),
+]
+AGENT_MAY = [
+    ("update", "gpunodes.vram.dev", ["--subresource=status"]),
+    ("patch", "gpunodes.vram.dev", ["--subresource=status"]),
+    ("create", "gpunodes.vram.dev", []),
+    ("watch", "gpunodes.vram.dev", []),
+    ("get", "nodes", []),
+]
+AGENT_MAY_NOT = [
+    ("patch", "modeldeployments.vram.dev", ["-n", "team-a"]),
+    ("patch", "modeldeployments.vram.dev", ["--subresource=status", "-n", "team-a"]),
+    ("patch", "gpunodes.vram.dev", []),  # spec.assignments is the operator's
+    ("delete", "gpunodes.vram.dev", []),
+    ("list", "nodes", []),
+    ("watch", "nodes", []),
+    ("patch", "nodes", []),
+    ("get", "secrets", ["-n", "{ns}"]),
+    ("delete", "pods", ["-n", "{ns}"]),
+]
+
+
+def _ids(rules: list[tuple[str, str, list[str]]]) -> list[str]:
+    return [" ".join([verb, resource, *extra]) for verb, resource, extra in rules]
+
+
+@pytest.mark.parametrize(
+    ("component", "allowed", "rule"),
+    [("operator", True, r) for r in OPERATOR_MAY]
+    + [("operator", False, r) for r in OPERATOR_MAY_NOT]
+    + [("agent", True, r) for r in AGENT_MAY]
+    + [("agent", False, r) for r in AGENT_MAY_NOT],
+    ids=[f"operator-may:{i}" for i in _ids(OPERATOR_MAY)]
+    + [f"operator-may-not:{i}" for i in _ids(OPERATOR_MAY_NOT)]
+    + [f"agent-may:{i}" for i in _ids(AGENT_MAY)]
+    + [f"agent-may-not:{i}" for i in _ids(AGENT_MAY_NOT)],
+)
+def test_rbac_as_seen_by_the_authorizer(
+    kubectl: Kubectl,
+    default_release: Release,
+    component: str,
+    allowed: bool,
+    rule: tuple[str, str, list[str]],
+) -> None:
+    verb, resource, extra = rule
+    args = [a.replace("{ns}", default_release.namespace) for a in extra]
+    who = default_release.service_account(component)
+    assert _can(kubectl, who, verb, resource, *args) is allowed

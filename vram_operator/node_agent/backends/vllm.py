@@ -1,0 +1,285 @@
+"""vLLM through our supervisor in the vLLM sidecar (see vllm_supervisor for its HTTP API).
+
+- load: PUT /models/{key} starts a `vllm serve` sized to the model's VRAM budget, then this
+  client polls GET /models/{key} until it serves, fails (with vLLM's last output as the
+  message) or the load timeout passes. vLLM downloads weights itself while starting, so
+  `pull` has nothing to do beforehand.
+- park/wake: vLLM sleep level 1 (weights to host RAM, KV cache dropped) and /wake_up.
+- residency: GET /models; the VRAM of a model is its budget, which vLLM preallocates whole.
+- last access: from each running server's Prometheus /metrics. A change in the count of
+  finished requests (vllm:request_success_total), or any request running or waiting, means the
+  model was used since the last listing, and its last access becomes now. A model seen for the
+  first time counts as accessed then.
+- estimate: GET /estimate reads the model's safetensors or GGUF headers where its files are,
+  in the vLLM container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
+
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from vram_operator.api import Backend, BackendHealth, ModelState
+from vram_operator.node_agent.estimate import Estimate
+
+from .base import (
+    AiohttpTransport,
+    BackendError,
+    LoadRequest,
+    ProgressCallback,
+    ResidentInfo,
+    RetryPolicy,
+    Transport,
+    decode_json,
+    parse_as,
+    raise_for_status,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8900"
+LOAD_TIMEOUT = 900.0
+"""Seconds a load may take; above the supervisor's own start-up timeout (600 s by default)."""
+SLEEP_TIMEOUT = 300.0
+"""Seconds parking or waking may take: copying tens of GiB between host and GPU."""
+METRICS_TIMEOUT = 5.0
+
+_STATES = {
+    "starting": ModelState.LOADING,
+    "running": ModelState.LOADED,
+    "sleeping": ModelState.SLEEPING,
+    "exited": ModelState.FAILED,
+    "failed": ModelState.FAILED,
+}
+_FINISHED = "vllm:request_success_total"
+_IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+
+class _Health(_Shape):
+    status: str
+    version: str | None = None
+
+
+class _Entry(_Shape):
+    key: str
+    model: str
+    state: Literal["starting", "running", "sleeping", "exited", "failed"]
+    gpu_uuid: str | None = None
+    vram_bytes: int | None = Field(default=None, ge=0)
+    message: str | None = None
+
+
+class _Entries(_Shape):
+    models: list[_Entry]
+
+
+class _Estimate(_Shape):
+    bytes: int = Field(ge=0)
+    method: Literal["ollama-show", "gguf-header", "safetensors-header", "file-size"]
+    detail: str
+    parameters: int | None = None
+
+
+def request_activity(metrics_text: str) -> tuple[float, float]:
+    """(finished requests, requests running or waiting) from vLLM's Prometheus text.
+
+    Raises ValueError for text that is not the Prometheus exposition format.
+    """
+    finished = 0.0
+    in_flight = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == _FINISHED:
+                finished += sample.value
+            elif sample.name in _IN_FLIGHT:
+                in_flight += sample.value
+    return finished, in_flight
+
+
+class VLLMBackend:
+    """vLLM models, one server each, through the supervisor on localhost."""
+
+    kind = Backend.VLLM
+    can_park = True
+
+    def __init__(
+        self,
+        supervisor_url: str = DEFAULT_URL,
+        transport: Transport | None = None,
+        retry: RetryPolicy | None = None,
+        load_timeout: float = LOAD_TIMEOUT,
+        poll_interval: float = 1.0,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.base_url = supervisor_url.rstrip("/")
+        self._transport: Transport = transport or AiohttpTransport()
+        self._retry = retry or RetryPolicy()
+        self._load_timeout = load_timeout
+        self._poll_interval = poll_interval
+        self._clock = clock
+        self._activity: dict[str, tuple[float, dt.datetime]] = {}
+        """Per key: finished requests at the last listing, and the access time derived."""
+
+    def _path(self, key: str, suffix: str = "") -> str:
+        return f"/models/{quote(key, safe='')}{suffix}"
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, time_limit: float | None = None
+    ) -> Any:
+        url = f"{self.base_url}{path}"
+        context = f"vllm-supervisor {method} {path}"
+
+        async def attempt() -> Any:
+            if time_limit is None:
+                response = await self._transport.request(method, url, json=body)
+            else:
+                response = await self._transport.request(
+                    method, url, json=body, time_limit=time_limit
+                )
+            raise_for_status(response, context)
+            return decode_json(response.body, context)
+
+        return await self._retry.run(attempt)
+
+    async def health(self) -> BackendHealth:
+        try:
+            answer = parse_as(_Health, await self._call("GET", "/health"), "vllm-supervisor")
+        except BackendError as err:
+            return BackendHealth(
+                name=Backend.VLLM, healthy=False, endpoint=self.base_url, message=str(err)
+            )
+        healthy = answer.status == "ok"
+        return BackendHealth(
+            name=Backend.VLLM,
+            healthy=healthy,
+            endpoint=self.base_url,
+            version=f"vram-operator vllm-supervisor {answer.version}" if answer.version else None,
+            message=None if healthy else f"supervisor status {answer.status}",
+        )
+
+    async def list_resident(self) -> list[ResidentInfo]:
+        entries = parse_as(_Entries, await self._call("GET", "/models"), "vllm-supervisor /models")
+        now = self._clock()
+        serving = [entry for entry in entries.models if entry.state in ("running", "sleeping")]
+        readings = await asyncio.gather(*(self._access(entry, now) for entry in serving))
+        self._activity = {
+            entry.key: reading for entry, reading in zip(serving, readings, strict=True)
+        }
+        return [
+            self._info(entry, self._activity[entry.key][1] if entry.key in self._activity else None)
+            for entry in entries.models
+        ]
+
+    async def _access(self, entry: _Entry, now: dt.datetime) -> tuple[float, dt.datetime]:
+        """Fold a running model's metrics into (finished count, last access)."""
+        previous = self._activity.get(entry.key)
+        if entry.state == "sleeping" and previous is not None:
+            return previous  # a sleeping server serves nothing
+        url = f"{self.base_url}{self._path(entry.key, '/metrics')}"
+        try:
+            response = await self._transport.request("GET", url, time_limit=METRICS_TIMEOUT)
+            raise_for_status(response, f"vllm {entry.key} /metrics")
+            finished, in_flight = request_activity(response.body.decode("utf-8", "replace"))
+        except (BackendError, ValueError) as err:
+            # Access times are a hint for eviction; a missed reading keeps the last one.
+            log.info("no request metrics for %s: %s", entry.key, err)
+            return previous if previous is not None else (0.0, now)
+        if previous is None or finished != previous[0] or in_flight > 0:
+            return finished, now
+        return previous
+
+    def _info(self, entry: _Entry, last_access: dt.datetime | None) -> ResidentInfo:
+        return ResidentInfo(
+            model=entry.model,
+            key=entry.key,
+            vram_bytes=entry.vram_bytes,
+            gpu_uuid=entry.gpu_uuid,
+            state=_STATES[entry.state],
+            last_access=last_access,
+            message=entry.message,
+        )
+
+    async def pull(self, model: str, on_progress: ProgressCallback) -> None:
+        """Nothing to fetch ahead: `vllm serve` downloads the weights while it starts."""
+        on_progress(100)
+
+    async def load(self, request: LoadRequest) -> ResidentInfo:
+        context = f"vllm load {request.key}"
+        if not request.vram_bytes or not request.gpu_total_bytes:
+            raise BackendError(
+                "vLLM needs the model's VRAM budget and the GPU's total memory to size "
+                "--gpu-memory-utilization",
+                context=context,
+            )
+        body = {
+            "model": request.model,
+            "gpuUuid": request.gpu_uuid,
+            "gpuTotalBytes": request.gpu_total_bytes,
+            "vramBytes": request.vram_bytes,
+            "args": list(request.args),
+            "sleepMode": request.sleep_mode,
+        }
+        entry = parse_as(_Entry, await self._call("PUT", self._path(request.key), body), context)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._load_timeout
+        while entry.state == "starting":
+            if loop.time() >= deadline:
+                raise BackendError(
+                    f"still starting after {self._load_timeout:g}s", retryable=True, context=context
+                )
+            await asyncio.sleep(self._poll_interval)
+            answer = await self._call("GET", self._path(request.key))
+            entry = parse_as(_Entry, answer, context)
+        if entry.state == "sleeping":
+            await self.wake(request.key, request.model)
+            entry = parse_as(_Entry, await self._call("GET", self._path(request.key)), context)
+        if entry.state != "running":
+            raise BackendError(entry.message or f"vllm serve is {entry.state}", context=context)
+        return self._info(entry, self._clock())
+
+    async def unload(self, key: str, model: str) -> None:
+        try:
+            await self._call("DELETE", self._path(key), time_limit=60.0)
+        except BackendError as err:
+            if err.status != 404:
+                raise
+        self._activity.pop(key, None)
+
+    async def park(self, key: str, model: str) -> None:
+        """Sleep level 1: weights to host RAM, KV cache dropped; waking takes about a second."""
+        await self._call("POST", self._path(key, "/sleep?level=1"), time_limit=SLEEP_TIMEOUT)
+
+    async def wake(self, key: str, model: str) -> None:
+        await self._call("POST", self._path(key, "/wake_up"), time_limit=SLEEP_TIMEOUT)
+
+    async def estimate(self, model: str, context_length: int | None = None) -> Estimate | None:
+        """From the model's file headers in the vLLM container; None when they are not there."""
+        query: dict[str, str | int] = {"model": model}
+        if context_length is not None:
+            query["contextLength"] = context_length
+        try:
+            answer = await self._call("GET", f"/estimate?{urlencode(query)}")
+        except BackendError as err:
+            if err.status == 404:
+                return None
+            raise
+        found = parse_as(_Estimate, answer, f"vllm-supervisor estimate {model}")
+        return Estimate(
+            bytes=found.bytes, method=found.method, detail=found.detail, parameters=found.parameters
+        )
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

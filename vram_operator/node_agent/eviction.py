@@ -1,0 +1,482 @@
+"""Which models leave a GPU, and how: the agent's eviction policy as pure functions.
+
+Nothing here reads a clock, a GPU, /proc or the network. Callers pass `now`, the residents
+and the measured figures and get back a plan to carry out. That keeps every decision
+testable (tests/unit/test_eviction.py proves the invariants with hypothesis), and lets the
+operator count reclaimable VRAM with exactly the rules the agent applies.
+
+Residency tiers: on the GPU (Loaded) → parked in host RAM (vLLM sleep level 1, Sleeping)
+→ on disk only (unloaded). A victim is parked when its backend can sleep, the host is not
+under memory pressure and host RAM can take it; otherwise it is unloaded.
+
+Rules every plan keeps:
+- critical models are never evicted or parked;
+- a model still loading, or loaded less than `min_residency_seconds` ago, stays, so loads
+  cannot thrash each other;
+- an incoming model displaces only models of its own priority or lower (a critical one may
+  displace any non-critical model), so a low model never pushes out a high one while equal
+  priorities still behave as a cache;
+- room is made with an irreducible set of victims picked coldest first: dropping any one of
+  them would no longer make room, so at most one model's worth more than needed is freed;
+- when even every eligible victim would not make room, nothing is evicted (InsufficientVRAM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, get_args
+
+from vram_operator.api import MemoryPressure, ModelState, Priority, ResidentModel, format_bytes
+
+Policy = Literal["lru", "priority", "hybrid"]
+"""lru: longest idle first; priority: lowest priority first, then longest idle;
+hybrid: idle time divided by the priority's weight, largest first."""
+
+POLICIES: tuple[Policy, ...] = get_args(Policy)
+
+ActionKind = Literal["park", "unload"]
+"""park: move to host RAM (vLLM sleep level 1); unload: drop to disk only."""
+
+FITS = "Fits"
+MAKE_ROOM = "MakeRoom"
+INSUFFICIENT_VRAM = "InsufficientVRAM"
+HOST_MEMORY_PRESSURE = "HostMemoryPressure"
+VRAM_PRESSURE = "VRAMPressure"
+NO_PRESSURE = "NoPressure"
+PSI_UNAVAILABLE = "PSIUnavailable"
+
+DEFAULT_WEIGHTS: Mapping[Priority, float] = MappingProxyType(
+    {Priority.LOW: 1.0, Priority.NORMAL: 2.0, Priority.HIGH: 4.0}
+)
+"""Hybrid weights: a high model must sit idle four times as long as a low one to be as cold."""
+
+_ON_GPU = (ModelState.LOADED, ModelState.LOADING)
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """The agent's eviction settings; invalid values raise ValueError naming the field."""
+
+    policy: Policy = "hybrid"
+    """Victim order: lru, priority or hybrid (priority-weighted recency)."""
+
+    min_residency_seconds: float = 120.0
+    """A model loaded more recently than this is never evicted, so loads cannot thrash."""
+
+    weights: Mapping[Priority, float] = field(default_factory=lambda: DEFAULT_WEIGHTS, hash=False)
+    """Hybrid weight per evictable priority; entries left out keep their DEFAULT_WEIGHTS value."""
+
+    psi_some_threshold: float = 10.0
+    """Host pressure when PSI `some` avg10 reaches this percent. Evicting a cache should start
+    well before systemd-oomd would kill processes (60% for 30 s by default)."""
+
+    psi_full_threshold: float = 5.0
+    """Host pressure when PSI `full` avg10 reaches this percent: every task stalling at once is
+    far worse than some stalling, hence the lower bar."""
+
+    host_step_seconds: float = 30.0
+    """Wait between host-pressure demotions: PSI avg10 needs about this long to show the
+    relief of the last one, and acting sooner would evict more than the pressure called for."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if not (math.isfinite(self.min_residency_seconds) and self.min_residency_seconds >= 0):
+            raise ValueError(
+                f"minResidencySeconds: must be a finite number >= 0, "
+                f"got {self.min_residency_seconds}"
+            )
+        if not (math.isfinite(self.host_step_seconds) and self.host_step_seconds >= 0):
+            raise ValueError(
+                f"hostStepSeconds: must be a finite number >= 0, got {self.host_step_seconds}"
+            )
+        for name, value in (
+            ("psiSomeThreshold", self.psi_some_threshold),
+            ("psiFullThreshold", self.psi_full_threshold),
+        ):
+            if not 0 < value <= 100:
+                raise ValueError(f"{name}: must be a percentage in (0, 100], got {value}")
+        object.__setattr__(self, "weights", _checked_weights(self.weights))
+
+
+def _checked_weights(given: Mapping[Priority, float]) -> Mapping[Priority, float]:
+    weights = dict(DEFAULT_WEIGHTS)
+    for name, value in given.items():
+        try:
+            priority = Priority(name)
+        except ValueError:
+            raise ValueError(f"weights: unknown priority {name!r}") from None
+        if not priority.evictable:
+            raise ValueError("weights: critical takes no weight, it is never evicted")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"weights.{priority}: must be a finite number > 0, got {value}")
+        weights[priority] = float(value)
+    return MappingProxyType(weights)
+
+
+DEFAULT_CONFIG = EvictionConfig()
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model on one GPU (or parked from it), as the eviction policy sees it.
+
+    Times are epoch seconds. `vram_bytes` is the model's VRAM budget, what leaving the GPU
+    frees; `host_bytes` is the host RAM it takes while parked.
+    """
+
+    key: str
+    priority: Priority
+    vram_bytes: int
+    state: ModelState
+    loaded_at: float
+    last_access: float
+    can_park: bool = False
+    host_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.vram_bytes < 0 or self.host_bytes < 0:
+            raise ValueError(f"{self.key}: vram_bytes and host_bytes must be >= 0")
+
+    @classmethod
+    def from_status(
+        cls, model: ResidentModel, *, can_park: bool = False, host_bytes: int = 0
+    ) -> Resident:
+        """Build one from a GPUNode status entry, as the operator reads it.
+
+        Unknown figures read conservatively for "how much could be freed": no VRAM, and a model
+        with no load time counts as loaded long ago; one never used counts as used at load.
+        """
+        loaded_at = model.loaded_at.timestamp() if model.loaded_at else 0.0
+        last_access = model.last_access.timestamp() if model.last_access else loaded_at
+        return cls(
+            key=model.key,
+            priority=model.priority,
+            vram_bytes=model.vram_bytes or 0,
+            state=model.state,
+            loaded_at=loaded_at,
+            last_access=last_access,
+            can_park=can_park,
+            host_bytes=host_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Action:
+    """One model to move down a tier."""
+
+    key: str
+    kind: ActionKind
+    freed_bytes: int
+    """VRAM this frees (0 for a parked model leaving host RAM)."""
+    message: str
+    """Why, for the model's status entry and the event."""
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    """How to make room for an incoming model; `reason` is Fits, MakeRoom or InsufficientVRAM."""
+
+    feasible: bool
+    reason: str
+    message: str
+    actions: tuple[Action, ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(action.freed_bytes for action in self.actions)
+
+
+@dataclass(frozen=True)
+class PressurePlan:
+    """What to demote under pressure; `reason` suits the MemoryPressure/VRAMPressure condition."""
+
+    under_pressure: bool
+    reason: str
+    message: str
+    actions: tuple[Action, ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(action.freed_bytes for action in self.actions)
+
+
+def last_used(resident: Resident) -> float:
+    """When it was last used; a model never used since it loaded counts as used at load."""
+    return max(resident.last_access, resident.loaded_at)
+
+
+def coldness(
+    resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG
+) -> tuple[float, ...]:
+    """How cold a model is under the policy: the larger, the sooner it goes.
+
+    Ties break towards the lower priority. Critical models weigh infinitely, never cold.
+    """
+    idle = max(0.0, now - last_used(resident))
+    rank = float(resident.priority.rank)
+    if config.policy == "lru":
+        return (idle, -rank)
+    if config.policy == "priority":
+        return (-rank, idle)
+    return (idle / config.weights.get(resident.priority, math.inf), -rank)
+
+
+def coldest_first(
+    residents: Iterable[Resident], now: float, config: EvictionConfig = DEFAULT_CONFIG
+) -> list[Resident]:
+    """Residents in eviction order; equal coldness falls back to the key, so plans are stable."""
+    return sorted(
+        residents,
+        key=lambda r: (tuple(-part for part in coldness(r, now, config)), r.key),
+    )
+
+
+def is_evictable(resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG) -> bool:
+    """Whether it may leave its tier at all: not critical, settled, and past minimum residency."""
+    return (
+        resident.priority.evictable
+        and resident.state in (ModelState.LOADED, ModelState.SLEEPING)
+        and now - resident.loaded_at >= config.min_residency_seconds
+    )
+
+
+def _frees_vram(resident: Resident, now: float, config: EvictionConfig) -> bool:
+    return (
+        is_evictable(resident, now, config)
+        and resident.state is ModelState.LOADED
+        and resident.vram_bytes > 0
+    )
+
+
+def _displaceable(
+    residents: Iterable[Resident], now: float, config: EvictionConfig, incoming: Priority
+) -> list[Resident]:
+    return [
+        r for r in residents if _frees_vram(r, now, config) and r.priority.rank <= incoming.rank
+    ]
+
+
+def reclaimable_bytes(
+    residents: Iterable[Resident],
+    now: float,
+    config: EvictionConfig = DEFAULT_CONFIG,
+    *,
+    incoming_priority: Priority,
+) -> int:
+    """VRAM an incoming model of this priority could have freed for it on this GPU.
+
+    The operator places a model where free VRAM plus this covers it; plan_room then succeeds.
+    """
+    return sum(r.vram_bytes for r in _displaceable(residents, now, config, incoming_priority))
+
+
+def _unique(residents: Iterable[Resident]) -> list[Resident]:
+    result = list(residents)
+    seen: set[str] = set()
+    for resident in result:
+        if resident.key in seen:
+            raise ValueError(f"residents: key {resident.key!r} appears twice")
+        seen.add(resident.key)
+    return result
+
+
+def _cover(candidates_coldest_first: list[Resident], deficit: int) -> list[Resident]:
+    """The coldest victims that free `deficit`, pruned to an irreducible set.
+
+    Greedy in coldness order, then the hottest chosen are dropped while the rest still cover
+    the deficit. One pass suffices: a victim kept stays needed once others are dropped. When
+    nothing covers the deficit, every candidate is returned; callers decide what that means.
+    """
+    chosen: list[Resident] = []
+    freed = 0
+    for resident in candidates_coldest_first:
+        if freed >= deficit:
+            break
+        chosen.append(resident)
+        freed += resident.vram_bytes
+    for resident in reversed(list(chosen)):
+        if freed - resident.vram_bytes >= deficit:
+            chosen.remove(resident)
+            freed -= resident.vram_bytes
+    return chosen
+
+
+def _demote(
+    victims: list[Resident],
+    why: str,
+    *,
+    host_under_pressure: bool,
+    host_available_bytes: int | None,
+) -> tuple[Action, ...]:
+    """Park what host RAM can take, hottest victims first (they are likeliest to be woken)."""
+    budget = math.inf if host_available_bytes is None else host_available_bytes
+    parked: set[str] = set()
+    for resident in reversed(victims):
+        if resident.can_park and not host_under_pressure and resident.host_bytes <= budget:
+            parked.add(resident.key)
+            budget -= resident.host_bytes
+    return tuple(
+        Action(r.key, "park", r.vram_bytes, f"parked in host RAM: {why}")
+        if r.key in parked
+        else Action(r.key, "unload", r.vram_bytes, f"unloaded: {why}")
+        for r in victims
+    )
+
+
+def plan_room(
+    residents: Iterable[Resident],
+    needed_bytes: int,
+    free_bytes: int,
+    now: float,
+    config: EvictionConfig = DEFAULT_CONFIG,
+    *,
+    incoming_priority: Priority,
+    host_under_pressure: bool = False,
+    host_available_bytes: int | None = None,
+) -> RoomPlan:
+    """Make room on one GPU for a model needing `needed_bytes` while `free_bytes` are free.
+
+    `residents` are the models on that GPU. Victims are parked when they can be and host RAM
+    (`host_available_bytes`, None for no limit) holds them and the host is not under pressure.
+    """
+    if needed_bytes < 0:
+        raise ValueError(f"needed_bytes: must be >= 0, got {needed_bytes}")
+    everyone = _unique(residents)
+    need = f"{format_bytes(needed_bytes)} needed, {format_bytes(max(free_bytes, 0))} free"
+    deficit = needed_bytes - free_bytes
+    if deficit <= 0:
+        return RoomPlan(True, FITS, need)
+    candidates = coldest_first(_displaceable(everyone, now, config, incoming_priority), now, config)
+    victims = _cover(candidates, deficit)
+    freed = sum(r.vram_bytes for r in victims)
+    if freed < deficit:
+        young = sum(
+            r.vram_bytes
+            for r in everyone
+            if r.priority.evictable
+            and r.priority.rank <= incoming_priority.rank
+            and r.state is ModelState.LOADED
+            and now - r.loaded_at < config.min_residency_seconds
+        )
+        message = (
+            f"{need}, {format_bytes(freed)} held by models a {incoming_priority} model may evict"
+        )
+        if young:
+            message += (
+                f", {format_bytes(young)} more once recently loaded models pass the "
+                f"{config.min_residency_seconds:g}s minimum residency"
+            )
+        return RoomPlan(False, INSUFFICIENT_VRAM, message)
+    why = f"room for a {incoming_priority} model ({need})"
+    actions = _demote(
+        victims,
+        why,
+        host_under_pressure=host_under_pressure,
+        host_available_bytes=host_available_bytes,
+    )
+    return RoomPlan(True, MAKE_ROOM, f"{need}: freeing {format_bytes(freed)}", actions)
+
+
+def under_host_pressure(
+    psi: MemoryPressure | None, config: EvictionConfig = DEFAULT_CONFIG
+) -> bool:
+    """Whether host PSI is past either threshold; a kernel without PSI is never under pressure."""
+    if psi is None or not psi.available:
+        return False
+    some = psi.some.avg10 if psi.some else 0.0
+    full = psi.full.avg10 if psi.full else 0.0
+    return some >= config.psi_some_threshold or full >= config.psi_full_threshold
+
+
+def plan_host_pressure(
+    residents: Iterable[Resident],
+    psi: MemoryPressure | None,
+    now: float,
+    config: EvictionConfig = DEFAULT_CONFIG,
+    *,
+    last_step_at: float | None = None,
+) -> PressurePlan:
+    """One step of relief for host memory pressure, over every model on the node.
+
+    The host-RAM tier goes first: every evictable sleeping model is unloaded. Only when none is
+    left is the coldest evictable model on a GPU unloaded (not parked: that would add to the
+    pressure). One step per call, at most one per `host_step_seconds` after `last_step_at`, so
+    the agent sees PSI respond before demoting more.
+    """
+    everyone = _unique(residents)
+    if psi is None or not psi.available:
+        return PressurePlan(False, PSI_UNAVAILABLE, "the kernel reports no memory PSI")
+    some = psi.some.avg10 if psi.some else 0.0
+    full = psi.full.avg10 if psi.full else 0.0
+    figures = f"memory PSI some avg10 {some:g}%, full avg10 {full:g}%"
+    if not under_host_pressure(psi, config):
+        return PressurePlan(False, NO_PRESSURE, figures)
+    if last_step_at is not None and now - last_step_at < config.host_step_seconds:
+        wait = config.host_step_seconds - (now - last_step_at)
+        return PressurePlan(
+            True, HOST_MEMORY_PRESSURE, f"{figures}; next demotion in {wait:.0f}s at the earliest"
+        )
+    eligible = coldest_first((r for r in everyone if is_evictable(r, now, config)), now, config)
+    sleeping = [r for r in eligible if r.state is ModelState.SLEEPING]
+    if sleeping:
+        why = f"host memory pressure ({figures}): emptying the host-RAM tier"
+        actions = tuple(Action(r.key, "unload", 0, f"unloaded: {why}") for r in sleeping)
+        return PressurePlan(
+            True, HOST_MEMORY_PRESSURE, f"{figures}: emptying the host-RAM tier", actions
+        )
+    if not eligible:
+        return PressurePlan(True, HOST_MEMORY_PRESSURE, f"{figures}; no model may be evicted")
+    coldest = eligible[0]
+    why = f"host memory pressure ({figures})"
+    return PressurePlan(
+        True,
+        HOST_MEMORY_PRESSURE,
+        f"{figures}: unloading the coldest model, {coldest.key}",
+        (Action(coldest.key, "unload", coldest.vram_bytes, f"unloaded: {why}"),),
+    )
+
+
+def plan_vram_pressure(
+    residents: Iterable[Resident],
+    total_bytes: int,
+    unmanaged_bytes: int,
+    now: float,
+    config: EvictionConfig = DEFAULT_CONFIG,
+    *,
+    host_under_pressure: bool = False,
+    host_available_bytes: int | None = None,
+) -> PressurePlan:
+    """Yield VRAM on one GPU to processes the agent does not manage.
+
+    The excess is the VRAM those processes use plus the budgets of the models on the GPU
+    (loaded or loading) beyond the GPU's total; budgets rather than measured use, so a release
+    still in flight is not counted twice. The coldest evictable loaded models are demoted,
+    an irreducible set as for plan_room. Unlike a load, partial relief still helps here, so
+    when not even all of them cover the excess, all of them go.
+    """
+    everyone = _unique(residents)
+    planned = sum(r.vram_bytes for r in everyone if r.state in _ON_GPU)
+    excess = unmanaged_bytes + planned - total_bytes
+    figures = (
+        f"other processes use {format_bytes(unmanaged_bytes)}, models are budgeted "
+        f"{format_bytes(planned)} of {format_bytes(total_bytes)}"
+    )
+    if excess <= 0:
+        return PressurePlan(False, NO_PRESSURE, figures)
+    candidates = coldest_first((r for r in everyone if _frees_vram(r, now, config)), now, config)
+    victims = _cover(candidates, excess)
+    freed = sum(r.vram_bytes for r in victims)
+    message = f"{figures}: {format_bytes(excess)} over, freeing {format_bytes(freed)}"
+    if freed < excess:
+        message += ", all that may be evicted"
+    actions = _demote(
+        victims,
+        f"VRAM pressure ({figures})",
+        host_under_pressure=host_under_pressure,
+        host_available_bytes=host_available_bytes,
+    )
+    return PressurePlan(True, VRAM_PRESSURE, message, actions)

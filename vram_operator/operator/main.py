@@ -1,0 +1,141 @@
+"""`vram-operator operator`: elect a leader, then run the kopf handlers and the worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from typing import Any, cast
+
+import kopf
+
+from vram_operator.api import parse_bytes
+from vram_operator.kubeconfig import api_client
+from vram_operator.metrics_server import serve_metrics
+
+from .folding import Event
+from .handlers import registry
+from .leader import LeaderElector
+from .metrics import OperatorMetrics
+from .placement import PlacementConfig
+from .service import OperatorConfig, OperatorService
+from .storage import ClusterStore
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vram-operator operator",
+        description="Place ModelDeployments on GPUs across the cluster and keep status true.",
+    )
+    parser.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster)")
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader-election Lease (POD_NAMESPACE)",
+    )
+    parser.add_argument("--lease-name", default="vram-operator")
+    parser.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+    )
+    parser.add_argument("--strategy", choices=["binpack", "spread"], default="binpack")
+    parser.add_argument("--heartbeat-grace", type=float, default=60.0, help="seconds")
+    parser.add_argument("--max-temperature", type=int, default=85, help="°C")
+    parser.add_argument("--no-preemption", action="store_true")
+    parser.add_argument(
+        "--default-vram", default="4Gi", help="budget for a model without spec.vram until measured"
+    )
+    parser.add_argument("--metrics-port", type=int, default=9300, help="0 disables /metrics")
+    parser.add_argument("--metrics-host", default="0.0.0.0")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def _emitter() -> Any:
+    def emit(body: dict[str, Any], event: Event) -> None:
+        kopf.event(
+            kopf.Body(cast(kopf.RawBody, body)),
+            type=event.type,
+            reason=event.reason,
+            message=event.message,
+        )
+
+    return emit
+
+
+async def _run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's login handler reads it too
+    client = api_client(args.kubeconfig)
+    metrics = OperatorMetrics()
+    runner = None
+    if args.metrics_port:
+        runner = await serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
+    elector = LeaderElector(client, args.namespace, args.lease_name, args.identity)
+    try:
+        if not await elector.acquire(stop):
+            return 0
+        config = OperatorConfig(
+            placement=PlacementConfig(
+                strategy=args.strategy,
+                max_temperature_celsius=args.max_temperature,
+                heartbeat_grace_seconds=args.heartbeat_grace,
+                allow_preemption=not args.no_preemption,
+            ),
+            default_vram_bytes=parse_bytes(args.default_vram),
+        )
+        service = OperatorService(ClusterStore(client), config, metrics, _emitter())
+        await service.start()
+        kopf_stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(
+                kopf.operator(
+                    registry=registry,
+                    clusterwide=True,
+                    standalone=True,
+                    stop_flag=kopf_stop,
+                    memo=kopf.Memo(service=service),
+                )
+            ),
+            asyncio.create_task(service.run(kopf_stop)),
+            asyncio.create_task(elector.keep(kopf_stop)),
+        ]
+        lost = asyncio.create_task(elector.lost.wait())
+        halted = asyncio.create_task(stop.wait())
+        await asyncio.wait([lost, halted, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        kopf_stop.set()
+        for task in (lost, halted):
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("operator task failed: %r", result)
+        if elector.lost.is_set():
+            return 1
+        await elector.release()
+        return 0
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        client.close()
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_run(args))
+    return 130

@@ -1,0 +1,628 @@
+"""Where models go: filter nodes and GPUs, fit VRAM, bin-pack or spread, displace lower priorities.
+
+Everything here is a pure function of plain values (GPUNode and Node data, a request, a clock
+reading), so the kopf handlers stay thin and every decision is testable without a cluster. The one
+piece of state is the `Reservations` ledger: it lets placements that run at the same time see each
+other before their assignments have reached the API server and come back through the watch.
+
+How much a GPU can still take (see `NodeView.budgets`)::
+
+    charge(a)   = max(a.vramBytes, VRAM measured for a on this GPU)   for each assignment a
+    unexplained = max(0, usedBytes - sum(VRAM measured for the assignments on this GPU))
+    room        = totalBytes - unexplained
+    free        = room - sum(charge(a))
+
+`unexplained` covers processes the agent does not manage, models it adopted, and models still
+unloading after their assignment was withdrawn. An assignment that has not loaded yet is charged in
+full although `freeBytes` does not show it yet: that is what keeps two placements from promising
+the same memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Literal, NamedTuple
+
+from vram_operator.api import (
+    GPU,
+    Assignment,
+    GPUNode,
+    ModelDeploymentSpec,
+    ModelState,
+    Priority,
+    ResidentModel,
+    format_bytes,
+)
+from vram_operator.api.modeldeployment import Toleration
+
+
+class PendingReason(StrEnum):
+    """Why a ModelDeployment is not (fully) scheduled; the reason of its Scheduled condition.
+
+    `place` answers InsufficientVRAM or NoMatchingNodes; Preempted is set by the handler on a
+    model whose replica was displaced and that could not be placed elsewhere.
+    """
+
+    INSUFFICIENT_VRAM = "InsufficientVRAM"
+    NO_MATCHING_NODES = "NoMatchingNodes"
+    PREEMPTED = "Preempted"
+
+
+class Taint(NamedTuple):
+    """A Node taint; NoSchedule and NoExecute keep models off, PreferNoSchedule does not."""
+
+    key: str
+    value: str | None
+    effect: str
+
+    @classmethod
+    def from_k8s(cls, raw: Mapping[str, Any]) -> Taint:
+        """From an entry of a Node's spec.taints as the API server returns it."""
+        return cls(str(raw["key"]), raw.get("value"), str(raw["effect"]))
+
+
+class Hold(NamedTuple):
+    """VRAM counted against a GPU for one assignment key, and the priority it was placed with."""
+
+    vram_bytes: int
+    priority: Priority
+
+
+class Choice(NamedTuple):
+    """A GPU chosen for a new replica."""
+
+    node: str
+    gpu_uuid: str
+
+
+class Victim(NamedTuple):
+    """A replica displaced to make room: the handler withdraws `key`'s assignment on `node`."""
+
+    node: str
+    key: str
+
+
+@dataclass(frozen=True)
+class GPUBudget:
+    """One GPU (or MIG instance) with the VRAM held on it; see the module docstring."""
+
+    node: str
+    gpu: GPU
+    room: int
+    """Total memory minus what no assignment explains."""
+    holds: Mapping[str, Hold]
+    """Assignment key to its charge."""
+
+    def free(self, excluding: str | None = None) -> int:
+        """Room left, not counting `excluding` (a model is never in its own way)."""
+        return self.room - sum(h.vram_bytes for k, h in self.holds.items() if k != excluding)
+
+    def merged(self, extra: Mapping[str, Hold]) -> GPUBudget:
+        """This budget with ledger holds added; a key in both is charged the larger figure."""
+        holds = dict(self.holds)
+        for key, hold in extra.items():
+            seen = holds.get(key)
+            if seen is not None:
+                hold = seen._replace(vram_bytes=max(seen.vram_bytes, hold.vram_bytes))
+            holds[key] = hold
+        return replace(self, holds=holds)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement needs to know about one GPU node."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()
+    heartbeat: dt.datetime | None = None
+    gpus: tuple[GPU, ...] = ()
+    assignments: Mapping[str, Assignment] = field(default_factory=dict)
+    """GPUNode.spec.assignments, keyed by namespace.name."""
+    resident: tuple[ResidentModel, ...] = ()
+    """GPUNode.status.models: what the agent reports present."""
+    exists: bool = True
+    """Whether the Node object exists; a GPUNode can outlive its Node."""
+
+    @classmethod
+    def from_objects(
+        cls,
+        gpunode: GPUNode,
+        node_labels: Mapping[str, str] | None,
+        node_taints: Iterable[Mapping[str, Any]] = (),
+    ) -> NodeView:
+        """Combine a GPUNode with its Node's labels and spec.taints; labels None: no Node."""
+        name = gpunode.metadata.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("GPUNode has no metadata.name")
+        status = gpunode.status
+        return cls(
+            name=name,
+            labels=dict(node_labels or {}),
+            taints=tuple(Taint.from_k8s(raw) for raw in node_taints),
+            heartbeat=status.last_heartbeat_time if status else None,
+            gpus=tuple(status.gpus) if status else (),
+            assignments=dict(gpunode.spec.assignments),
+            resident=tuple(status.models) if status else (),
+            exists=node_labels is not None,
+        )
+
+    def budgets(self) -> tuple[GPUBudget, ...]:
+        """One budget per GPU that can take a model.
+
+        A physical GPU whose MIG instances are listed is left out: its memory is theirs. An
+        assignment without a GPU is charged where the agent reports it, or, before that, against
+        every GPU of the node, since it may land on any; one naming a GPU that is gone is charged
+        nowhere.
+        """
+        parents = {g.parent_uuid for g in self.gpus if g.parent_uuid}
+        units = [g for g in self.gpus if g.uuid not in parents]
+        uuids = {g.uuid for g in units}
+        measured: Counter[tuple[str, str]] = Counter()
+        reported_gpu: dict[str, str] = {}
+        for model in self.resident:
+            if model.gpu_uuid is not None:
+                reported_gpu.setdefault(model.key, model.gpu_uuid)
+                measured[(model.gpu_uuid, model.key)] += model.vram_bytes or 0
+        holds: dict[str, dict[str, Hold]] = {uuid: {} for uuid in uuids}
+        for key, assignment in self.assignments.items():
+            gpu = assignment.gpu_uuid or reported_gpu.get(key)
+            targets = sorted(uuids) if gpu is None else [gpu] if gpu in uuids else []
+            for uuid in targets:
+                charge = max(assignment.vram_bytes or 0, measured[(uuid, key)])
+                holds[uuid][key] = Hold(charge, assignment.priority)
+        budgets = []
+        for gpu_ in sorted(units, key=lambda g: g.index):
+            explained = sum(measured[(gpu_.uuid, key)] for key in holds[gpu_.uuid])
+            unexplained = max(0, gpu_.used_bytes - explained)
+            budgets.append(
+                GPUBudget(self.name, gpu_, gpu_.total_bytes - unexplained, holds[gpu_.uuid])
+            )
+        return tuple(budgets)
+
+    def state_of(self, key: str) -> ModelState | None:
+        """The state the agent reports for `key` here, or None before it reports one."""
+        return next((m.state for m in self.resident if m.key == key), None)
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """A ModelDeployment as placement sees it."""
+
+    key: str
+    """namespace.name, the assignment key."""
+    vram_bytes: int
+    """VRAM one replica needs (requested or estimated)."""
+    priority: Priority = Priority.NORMAL
+    replicas: int = 1
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    existing: frozenset[str] = frozenset()
+    """Nodes whose GPUNode already holds an assignment for it."""
+
+    def __post_init__(self) -> None:
+        if self.vram_bytes <= 0:
+            raise ValueError(f"vram_bytes must be positive, got {self.vram_bytes}")
+        if self.replicas < 0:
+            raise ValueError(f"replicas must not be negative, got {self.replicas}")
+
+    @classmethod
+    def from_spec(
+        cls,
+        key: str,
+        spec: ModelDeploymentSpec,
+        *,
+        vram_bytes: int,
+        existing: Iterable[str] = (),
+    ) -> PlacementRequest:
+        """From a validated spec; `vram_bytes` is spec.vram or the estimate when it is absent."""
+        return cls(
+            key=key,
+            vram_bytes=vram_bytes,
+            priority=spec.priority,
+            replicas=spec.replicas,
+            node_selector=dict(spec.node_selector),
+            tolerations=tuple(spec.tolerations),
+            existing=frozenset(existing),
+        )
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Operator-wide placement settings."""
+
+    strategy: Literal["binpack", "spread"] = "binpack"
+    """binpack fills the fullest GPU that fits, keeping whole GPUs free for large models;
+    spread picks the emptiest, leaving headroom on each."""
+    max_temperature_celsius: int = 85
+    heartbeat_grace_seconds: float = 60.0
+    allow_preemption: bool = True
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    """What the handler writes: new assignments, withdrawn ones, and why replicas are missing."""
+
+    keep: tuple[str, ...] = ()
+    """Nodes that go on holding a replica."""
+    chosen: tuple[Choice, ...] = ()
+    """New replicas, each on a node of its own."""
+    preempted: tuple[Victim, ...] = ()
+    """Lower-priority replicas to withdraw so the chosen ones fit."""
+    remove: tuple[str, ...] = ()
+    """Nodes whose assignment for this model is to be withdrawn (lost node or scale-down)."""
+    reason: PendingReason | None = None
+    """Set when fewer than `replicas` are kept or chosen."""
+    message: str = ""
+    """For a person: where it went, or why not, in the kube-scheduler's manner."""
+
+
+_BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+_EVICTING_EFFECTS = frozenset({"NoExecute"})
+
+# Order in which surplus replicas are dropped on scale-down: the least useful first.
+_USEFULNESS = {
+    ModelState.LOADED: 3,
+    ModelState.SLEEPING: 2,
+    ModelState.LOADING: 1,
+}
+
+
+def tolerates(toleration: Toleration, taint: Taint) -> bool:
+    """Kubernetes' matching rule: empty key with Exists matches all, empty effect any effect."""
+    if toleration.effect is not None and toleration.effect != taint.effect:
+        return False
+    if toleration.operator == "Exists":
+        return toleration.key in (None, "", taint.key)
+    return toleration.key == taint.key and (toleration.value or "") == (taint.value or "")
+
+
+def _untolerated(
+    taints: Iterable[Taint], tolerations: Iterable[Toleration], effects: frozenset[str]
+) -> Taint | None:
+    tolerations = tuple(tolerations)
+    for taint in taints:
+        if taint.effect in effects and not any(tolerates(t, taint) for t in tolerations):
+            return taint
+    return None
+
+
+def _node_problem(
+    view: NodeView, request: PlacementRequest, config: PlacementConfig, now: dt.datetime
+) -> str | None:
+    """The first filter a node fails, phrased for the count in a message, or None."""
+    if not view.exists:
+        return "had no Node object"
+    if any(view.labels.get(k) != v for k, v in request.node_selector.items()):
+        return "didn't match nodeSelector"
+    taint = _untolerated(view.taints, request.tolerations, _BLOCKING_EFFECTS)
+    if taint is not None:
+        return f"had untolerated taint {{{taint.key}: {taint.value or ''}}}"
+    grace = config.heartbeat_grace_seconds
+    if view.heartbeat is None or (now - view.heartbeat).total_seconds() > grace:
+        return f"had no agent heartbeat in the last {grace:g}s"
+    if not view.gpus:
+        return "had no GPUs"
+    return None
+
+
+class _Option(NamedTuple):
+    """A GPU that can take the replica; `left` is the free VRAM after it."""
+
+    budget: GPUBudget
+    left: int
+    victims: tuple[str, ...]
+
+
+def _displaceable(budget: GPUBudget, request: PlacementRequest) -> list[tuple[str, Hold]]:
+    """Holds the request may displace: strictly lower priority, never critical, least first.
+
+    Lowest priority first, then largest first (fewer victims), then by key for determinism.
+    """
+    return sorted(
+        (
+            (key, hold)
+            for key, hold in budget.holds.items()
+            if key != request.key
+            and hold.priority.evictable
+            and hold.priority.rank < request.priority.rank
+        ),
+        key=lambda item: (item[1].priority.rank, -item[1].vram_bytes, item[0]),
+    )
+
+
+def _victims(
+    free: int, candidates: list[tuple[str, Hold]], need: int
+) -> tuple[tuple[str, ...], int] | None:
+    """The candidates to displace so `need` fits in `free`, and the VRAM left after.
+
+    Candidates are taken in order until the request fits; then, most important first, any victim
+    that turns out not to be needed is spared, so no victim could be left in place. None when
+    displacing every candidate would not make room.
+    """
+    taken: list[tuple[str, int]] = []
+    for key, hold in candidates:
+        if free >= need:
+            break
+        taken.append((key, hold.vram_bytes))
+        free += hold.vram_bytes
+    if free < need:
+        return None
+    for key, size in reversed(list(taken)):
+        if free - size >= need:
+            taken.remove((key, size))
+            free -= size
+    return tuple(key for key, _ in taken), free - need
+
+
+@dataclass
+class _Tally:
+    """Why no GPU could take a replica, counted for the message."""
+
+    nodes: Counter[str] = field(default_factory=Counter)
+    hot_gpus: int = 0
+    small_gpus: int = 0
+    largest_free: int = 0
+    largest_reclaimable: int = 0
+
+    def message(self, request: PlacementRequest, config: PlacementConfig, node_count: int) -> str:
+        size = format_bytes(request.vram_bytes)
+        head = f"0/{node_count} nodes can hold {size}"
+        if node_count == 0:
+            return f"{head}: no GPUNode has been reported (is the node agent running?)"
+        counted = sorted(self.nodes.items(), key=lambda item: (-item[1], item[0]))
+        parts = [f"{count} node(s) {why}" for why, count in counted]
+        if self.hot_gpus:
+            limit = config.max_temperature_celsius
+            parts.append(f"{self.hot_gpus} GPU(s) were above {limit}°C")
+        if self.small_gpus:
+            detail = f"largest free {format_bytes(max(0, self.largest_free))}"
+            if self.largest_reclaimable > self.largest_free:
+                reclaimable = format_bytes(self.largest_reclaimable)
+                detail += f", {reclaimable} counting lower-priority models"
+            parts.append(f"{self.small_gpus} GPU(s) had less than {size} free ({detail})")
+        return f"{head}: {', '.join(parts)}"
+
+
+def _strategy_key(option: _Option, config: PlacementConfig) -> tuple[int, str, int]:
+    left = option.left if config.strategy == "binpack" else -option.left
+    return left, option.budget.node, option.budget.gpu.index
+
+
+def _displacement_cost(
+    option: _Option, config: PlacementConfig
+) -> tuple[int, int, int, tuple[int, str, int]]:
+    """Least important victims first, then fewest, then fewest bytes, then the strategy."""
+    holds = option.budget.holds
+    return (
+        max(holds[k].priority.rank for k in option.victims),
+        len(option.victims),
+        sum(holds[k].vram_bytes for k in option.victims),
+        _strategy_key(option, config),
+    )
+
+
+def _pick(
+    request: PlacementRequest,
+    nodes: Iterable[NodeView],
+    budgets: Mapping[str, tuple[GPUBudget, ...]],
+    taken: set[str],
+    config: PlacementConfig,
+    now: dt.datetime,
+) -> _Option | _Tally:
+    """The best GPU for one more replica on a node not in `taken`, or why there is none."""
+    tally = _Tally()
+    fits: list[_Option] = []
+    displacing: list[_Option] = []
+    may_preempt = config.allow_preemption and request.priority.rank >= Priority.HIGH.rank
+    for view in nodes:
+        problem = "already held a replica" if view.name in taken else None
+        problem = problem or _node_problem(view, request, config, now)
+        if problem is not None:
+            tally.nodes[problem] += 1
+            continue
+        for budget in budgets[view.name]:
+            temperature = budget.gpu.temperature_celsius
+            if temperature is not None and temperature > config.max_temperature_celsius:
+                tally.hot_gpus += 1
+                continue
+            free = budget.free(excluding=request.key)
+            if free >= request.vram_bytes:
+                fits.append(_Option(budget, free - request.vram_bytes, ()))
+                continue
+            tally.small_gpus += 1
+            tally.largest_free = max(tally.largest_free, free)
+            if not may_preempt:
+                continue
+            candidates = _displaceable(budget, request)
+            reclaimable = free + sum(hold.vram_bytes for _, hold in candidates)
+            tally.largest_reclaimable = max(tally.largest_reclaimable, reclaimable)
+            found = _victims(free, candidates, request.vram_bytes)
+            if found is not None:
+                displacing.append(_Option(budget, found[1], found[0]))
+    if fits:
+        return min(fits, key=lambda option: _strategy_key(option, config))
+    if displacing:
+        return min(displacing, key=lambda option: _displacement_cost(option, config))
+    return tally
+
+
+def _drop_order(view: NodeView, key: str, budgets: tuple[GPUBudget, ...]) -> tuple[int, int, str]:
+    state = view.state_of(key)
+    usefulness = _USEFULNESS.get(state, 0) if state is not None else 0
+    return usefulness, sum(b.free() for b in budgets), view.name
+
+
+def place(
+    request: PlacementRequest,
+    nodes: Iterable[NodeView],
+    config: PlacementConfig,
+    now: dt.datetime,
+    reserved: Mapping[str, Mapping[str, Hold]] | None = None,
+) -> PlacementDecision:
+    """Decide which replicas to keep, add and withdraw.
+
+    Existing replicas stay where they are as long as their node exists and carries no NoExecute
+    taint the model does not tolerate (a changed label or a stale heartbeat does not move a
+    loaded model, as with Pods); the others are withdrawn and replaced. On scale-down the
+    replicas dropped first are those not loaded yet (not reported, Pending, Failed or Evicted,
+    then Loading, then Sleeping, Loaded last), then those on the node with the least free VRAM,
+    then by node name. New replicas go, one per node, to eligible GPUs that fit (`binpack` or
+    `spread`); when none fits and the request is high or critical, to the GPU where displacing
+    strictly lower, never critical, priorities costs least (lowest victim priority, then fewest
+    victims, then fewest bytes). `reserved` is the ledger of `Reservations`, GPU UUID to holds.
+    """
+    views = sorted(nodes, key=lambda v: v.name)
+    by_name = {v.name: v for v in views}
+    ledger = reserved or {}
+    budgets = {
+        v.name: tuple(b.merged(ledger.get(b.gpu.uuid, {})) for b in v.budgets()) for v in views
+    }
+    keep: list[str] = []
+    lost: list[str] = []
+    for name in sorted(request.existing):
+        view = by_name.get(name)
+        if (
+            view is not None
+            and view.exists
+            and not _untolerated(view.taints, request.tolerations, _EVICTING_EFFECTS)
+        ):
+            keep.append(name)
+        else:
+            lost.append(name)
+    if len(keep) > request.replicas:
+        order = sorted(keep, key=lambda n: _drop_order(by_name[n], request.key, budgets[n]))
+        surplus = order[: len(keep) - request.replicas]
+        kept = tuple(n for n in keep if n not in surplus)
+        message = f"scaled down: withdrawing from {', '.join(sorted(lost + surplus))}"
+        return PlacementDecision(keep=kept, remove=tuple(lost + sorted(surplus)), message=message)
+    chosen: list[Choice] = []
+    preempted: list[Victim] = []
+    taken = set(keep)
+    tally: _Tally | None = None
+    for _ in range(request.replicas - len(keep)):
+        pick = _pick(request, views, budgets, taken, config, now)
+        if isinstance(pick, _Tally):
+            tally = pick
+            break
+        node = pick.budget.node
+        chosen.append(Choice(node, pick.budget.gpu.uuid))
+        preempted.extend(Victim(node, key) for key in pick.victims)
+        taken.add(node)
+    reason: PendingReason | None = None
+    if tally is None:
+        message = _success_message(keep, chosen, preempted, lost)
+    else:
+        # InsufficientVRAM only when memory is what is missing; otherwise no node qualifies.
+        short_of_memory = tally.small_gpus > 0
+        reason = (
+            PendingReason.INSUFFICIENT_VRAM if short_of_memory else PendingReason.NO_MATCHING_NODES
+        )
+        message = tally.message(request, config, len(views))
+        have = len(keep) + len(chosen)
+        if have:
+            message = f"{have}/{request.replicas} replicas placed; {message}"
+    return PlacementDecision(
+        keep=tuple(keep),
+        chosen=tuple(chosen),
+        preempted=tuple(preempted),
+        remove=tuple(lost),
+        reason=reason,
+        message=message,
+    )
+
+
+def _success_message(
+    keep: list[str], chosen: list[Choice], preempted: list[Victim], lost: list[str]
+) -> str:
+    parts = []
+    if chosen:
+        parts.append("placed on " + ", ".join(f"{c.node} ({c.gpu_uuid})" for c in chosen))
+    if keep:
+        parts.append("kept on " + ", ".join(keep))
+    if preempted:
+        parts.append("displacing " + ", ".join(f"{v.key} on {v.node}" for v in preempted))
+    if lost:
+        parts.append("withdrawing from lost node(s) " + ", ".join(lost))
+    return "; ".join(parts) or "no replicas requested"
+
+
+class Reservations:
+    """The VRAM promised per GPU, held in memory so concurrent placements never overcommit.
+
+    Assignments written by one handler reach the others only when the watch delivers the updated
+    GPUNode; until then this ledger is what they see. It is rebuilt from the GPUNode specs when the
+    operator starts, which makes it disposable: a crash loses nothing the API server lacks.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ledger: dict[str, dict[str, Hold]] = {}
+        self._node_of: dict[str, str] = {}
+
+    def rebuild(self, nodes: Iterable[NodeView]) -> None:
+        """Replace the ledger with the assignments the GPUNodes carry."""
+        with self._lock:
+            self._ledger = {}
+            self._node_of = {}
+            for view in nodes:
+                for budget in view.budgets():
+                    self._node_of[budget.gpu.uuid] = view.name
+                    self._ledger[budget.gpu.uuid] = dict(budget.holds)
+
+    def snapshot(self) -> dict[str, dict[str, Hold]]:
+        """A copy of the ledger: GPU UUID to assignment key to hold."""
+        with self._lock:
+            return {uuid: dict(holds) for uuid, holds in self._ledger.items()}
+
+    def try_reserve(self, budget: GPUBudget, key: str, vram_bytes: int, priority: Priority) -> bool:
+        """Hold `vram_bytes` for `key` on the budget's GPU if it fits; False leaves all unchanged.
+
+        The check counts the ledger and the budget's own holds (a model measured above its
+        reservation), so it also serves to resize an existing replica in place: a key's new hold
+        replaces its old one.
+        """
+        with self._lock:
+            current = budget.merged(self._ledger.get(budget.gpu.uuid, {}))
+            if current.free(excluding=key) < vram_bytes:
+                return False
+            self._hold(budget.node, budget.gpu.uuid, key, Hold(vram_bytes, priority))
+            return True
+
+    def release(self, key: str, node: str | None = None) -> None:
+        """Forget `key`'s holds on `node`, or everywhere."""
+        with self._lock:
+            self._release(key, node)
+
+    def place_and_reserve(
+        self,
+        request: PlacementRequest,
+        nodes: Iterable[NodeView],
+        config: PlacementConfig,
+        now: dt.datetime,
+    ) -> PlacementDecision:
+        """`place` against the ledger, and record its outcome, as one atomic step."""
+        with self._lock:
+            decision = place(request, nodes, config, now, reserved=self._ledger)
+            for victim in decision.preempted:
+                self._release(victim.key, victim.node)
+            for node in decision.remove:
+                self._release(request.key, node)
+            for choice in decision.chosen:
+                hold = Hold(request.vram_bytes, request.priority)
+                self._hold(choice.node, choice.gpu_uuid, request.key, hold)
+            return decision
+
+    def _hold(self, node: str, gpu_uuid: str, key: str, hold: Hold) -> None:
+        self._node_of[gpu_uuid] = node
+        self._ledger.setdefault(gpu_uuid, {})[key] = hold
+
+    def _release(self, key: str, node: str | None) -> None:
+        for uuid, holds in self._ledger.items():
+            if node is None or self._node_of.get(uuid) == node:
+                holds.pop(key, None)

@@ -1,0 +1,121 @@
+"""Every Kubernetes call the operator makes. Blocking client calls run in worker threads.
+
+Assignments are merge-patched one key at a time, so two placements on the same GPUNode never
+overwrite each other; ModelDeployment status goes through the status subresource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from vram_operator.api import GROUP, VERSION, Assignment, GPUNode, ModelDeploymentStatus
+from vram_operator.api.gpunode import PLURAL as GPUNODES
+from vram_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
+
+log = logging.getLogger(__name__)
+
+
+class ClusterStore:
+    """GPUNodes, Nodes and ModelDeployments as the operator reads and writes them."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._custom = client.CustomObjectsApi(api_client)
+        self._core = client.CoreV1Api(api_client)
+
+    async def list_gpunodes(self) -> list[GPUNode]:
+        raw = await asyncio.to_thread(
+            self._custom.list_cluster_custom_object, GROUP, VERSION, GPUNODES
+        )
+        return [GPUNode.model_validate(item) for item in _as_dict(raw).get("items", [])]
+
+    async def list_nodes(self) -> dict[str, client.V1Node]:
+        """Node objects by name (labels for nodeSelector, taints for tolerations)."""
+        nodes = await asyncio.to_thread(self._core.list_node)
+        return {
+            node.metadata.name: node
+            for node in nodes.items
+            if node.metadata is not None and node.metadata.name
+        }
+
+    async def set_assignment(self, node: str, key: str, assignment: Assignment | None) -> bool:
+        """Add, replace or (None) withdraw one assignment; False when the GPUNode is gone."""
+        value = None if assignment is None else assignment.to_k8s()
+        body = {"spec": {"assignments": {key: value}}}
+        try:
+            await asyncio.to_thread(
+                self._custom.patch_cluster_custom_object, GROUP, VERSION, GPUNODES, node, body
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def delete_gpunode(self, node: str) -> None:
+        try:
+            await asyncio.to_thread(
+                self._custom.delete_cluster_custom_object, GROUP, VERSION, GPUNODES, node
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            raw = await asyncio.to_thread(
+                self._custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                MODELDEPLOYMENTS,
+                name,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _as_dict(raw)
+
+    async def list_deployments(self) -> list[dict[str, Any]]:
+        raw = await asyncio.to_thread(
+            self._custom.list_cluster_custom_object, GROUP, VERSION, MODELDEPLOYMENTS
+        )
+        items: list[dict[str, Any]] = _as_dict(raw).get("items", [])
+        return items
+
+    async def write_status(self, namespace: str, name: str, status: ModelDeploymentStatus) -> bool:
+        """Merge-patch the status subresource; False when the object is gone."""
+        body = {"status": _with_nulls(status.to_k8s(), ModelDeploymentStatus)}
+        try:
+            await asyncio.to_thread(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                MODELDEPLOYMENTS,
+                name,
+                body,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+
+def _with_nulls(dumped: dict[str, Any], model: type[ModelDeploymentStatus]) -> dict[str, Any]:
+    """A merge patch keeps fields it does not mention; name every absent one as null."""
+    fields = {info.alias or name for name, info in model.model_fields.items()}
+    return {field: dumped.get(field) for field in fields}
+
+
+def _as_dict(raw: object) -> dict[str, Any]:
+    """The custom-objects API returns untyped JSON; anything but an object is a server bug."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected a JSON object from the API server, got {type(raw).__name__}")
+    return raw

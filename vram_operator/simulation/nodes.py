@@ -1,0 +1,212 @@
+"""Simulated GPU nodes as real processes: a fake Ollama, the real vLLM supervisor running the
+fake vLLM, and the real agent, all on loopback and sharing one simulated GPU state file.
+
+The integration tests and the demo both start nodes this way, so what the demo shows is
+what the tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from .gpu import SimulatedGPUs
+
+GiB = 2**30
+_LISTENING = re.compile(r"listening on (http://[0-9.]+:[0-9]+)")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, stopped by pid."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str]):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float = 20) -> re.Match[str]:
+        """Wait until the log holds a line matching pattern; fail with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            match = pattern.search(text)
+            if match:
+                return match
+            if not self.alive():
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class SimulatedNode:
+    """One GPU node: simulated GPUs, fake backends and a real agent process."""
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        kubeconfig: str,
+        gpu_sizes: Sequence[int] = (24 * GiB,),
+        agent_args: Sequence[str] = (),
+        ollama_args: Sequence[str] = (),
+        vllm: bool = True,
+    ) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.kubeconfig = kubeconfig
+        self.gpu_sizes = list(gpu_sizes)
+        self.agent_args = list(agent_args)
+        self.ollama_args = list(ollama_args)
+        self.vllm = vllm
+        self.gpu_state = self.dir / "gpus.json"
+        self.env = {**os.environ, "VRAM_SIM_GPU_STATE": str(self.gpu_state)}
+        self.ollama_url = f"http://127.0.0.1:{free_port()}"
+        self.supervisor_url = ""
+        self.metrics_port = free_port()
+        self.ollama: ManagedProcess | None = None
+        self.supervisor: ManagedProcess | None = None
+        self.agent: ManagedProcess | None = None
+
+    @property
+    def gpus(self) -> SimulatedGPUs:
+        return SimulatedGPUs(self.gpu_state)
+
+    def start(self) -> SimulatedNode:
+        SimulatedGPUs.create(
+            self.gpu_state, node=self.name, count=len(self.gpu_sizes), sizes=self.gpu_sizes
+        )
+        self.start_ollama()
+        if self.vllm:
+            port = free_port()
+            command = f"{shlex.quote(sys.executable)} -m vram_operator.simulation.fake_vllm serve"
+            self.supervisor = ManagedProcess(
+                f"{self.name}/vllm-supervisor",
+                [
+                    sys.executable,
+                    "-m",
+                    "vram_operator",
+                    "vllm-supervisor",
+                    "--port",
+                    str(port),
+                    "--vllm-command",
+                    command,
+                ],
+                self.dir / "vllm-supervisor.log",
+                self.env,
+            )
+            self.supervisor.start()
+            self.supervisor_url = f"http://127.0.0.1:{port}"
+        self.start_agent()
+        return self
+
+    def start_ollama(self) -> None:
+        """Start (or restart) the fake Ollama on this node's fixed port."""
+        self.ollama = ManagedProcess(
+            f"{self.name}/ollama",
+            [
+                sys.executable,
+                "-m",
+                "vram_operator.simulation.fake_ollama",
+                "--port",
+                self.ollama_url.rsplit(":", 1)[1],
+                "--gpu-state",
+                str(self.gpu_state),
+                *self.ollama_args,
+            ],
+            self.dir / "ollama.log",
+            self.env,
+        )
+        self.ollama.start()
+        self.ollama.wait_for_line(_LISTENING)
+
+    def start_agent(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "vram_operator",
+            "agent",
+            "--node",
+            self.name,
+            "--kubeconfig",
+            self.kubeconfig,
+            "--simulate-gpus",
+            str(self.gpu_state),
+            "--ollama-url",
+            self.ollama_url,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--metrics-host",
+            "127.0.0.1",
+            *(["--vllm-supervisor-url", self.supervisor_url] if self.supervisor_url else []),
+            *self.agent_args,
+        ]
+        self.agent = ManagedProcess(f"{self.name}/agent", argv, self.dir / "agent.log", self.env)
+        self.agent.start()
+
+    def processes(self) -> list[ManagedProcess]:
+        return [p for p in (self.agent, self.supervisor, self.ollama) if p is not None]
+
+    def stop(self) -> None:
+        for process in self.processes():
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.processes())
