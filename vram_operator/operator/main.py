@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
-from typing import Any, cast
 
 import kopf
 
@@ -18,7 +17,6 @@ from vram_operator.api import parse_bytes
 from vram_operator.kubeconfig import api_client
 from vram_operator.metrics_server import serve_metrics
 
-from .folding import Event
 from .handlers import registry
 from .leader import LeaderElector
 from .metrics import OperatorMetrics
@@ -58,18 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emitter() -> Any:
-    def emit(body: dict[str, Any], event: Event) -> None:
-        kopf.event(
-            kopf.Body(cast(kopf.RawBody, body)),
-            type=event.type,
-            reason=event.reason,
-            message=event.message,
-        )
-
-    return emit
-
-
 async def _run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,7 +81,7 @@ async def _run(args: argparse.Namespace) -> int:
             ),
             default_vram_bytes=parse_bytes(args.default_vram),
         )
-        service = OperatorService(ClusterStore(client), config, metrics, _emitter())
+        service = OperatorService(ClusterStore(client), config, metrics)
         await service.start()
         kopf_stop = asyncio.Event()
         tasks = [

@@ -35,7 +35,7 @@ from vram_operator.api import (
     parse_spec,
 )
 
-from .folding import Event, events_between, fold_status
+from .folding import events_between, fold_status
 from .metrics import OperatorMetrics
 from .placement import (
     NodeView,
@@ -49,7 +49,6 @@ from .storage import ClusterStore
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
-EventSink = Callable[[dict[str, Any], Event], None]
 
 _HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING)
 
@@ -78,13 +77,11 @@ class OperatorService:
         store: ClusterStore,
         config: OperatorConfig,
         metrics: OperatorMetrics,
-        emit: EventSink,
         clock: Callable[[], dt.datetime] = now,
     ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
-        self.emit = emit
         self.clock = clock
         self.reservations = Reservations()
         self._gpunodes: dict[str, GPUNode] = {}
@@ -383,7 +380,7 @@ class OperatorService:
         if previous is None or previous.to_k8s() != status.to_k8s():
             await self.store.write_status(meta["namespace"], meta["name"], status)
         for event in events_between(previous, status):
-            self.emit(body, event)
+            await self.store.post_event(body, event.type, event.reason, event.message)
         self._update_pending_gauge()
 
     def _update_pending_gauge(self) -> None:

@@ -7,6 +7,7 @@ overwrite each other; ModelDeployment status goes through the status subresource
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from typing import Any
 
@@ -87,6 +88,38 @@ class ClusterStore:
         )
         items: list[dict[str, Any]] = _as_dict(raw).get("items", [])
         return items
+
+    async def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record a core/v1 Event on the object, as `kubectl describe` shows them.
+
+        Events are best effort: a failure is logged, never raised into a reconcile.
+        """
+        meta = body["metadata"]
+        namespace = meta.get("namespace") or "default"
+        stamp = dt.datetime.now(dt.UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=body.get("apiVersion"),
+                kind=body.get("kind"),
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=type_,
+            reason=reason,
+            message=message[:1024],
+            first_timestamp=stamp,
+            last_timestamp=stamp,
+            count=1,
+            source=client.V1EventSource(component="vram-operator"),
+            reporting_component="vram.dev/operator",
+        )
+        try:
+            await asyncio.to_thread(self._core.create_namespaced_event, namespace, event)
+        except ApiException as exc:
+            log.warning("could not record event %s on %s: %s", reason, meta["name"], exc.reason)
 
     async def write_status(self, namespace: str, name: str, status: ModelDeploymentStatus) -> bool:
         """Merge-patch the status subresource; False when the object is gone."""

@@ -36,7 +36,9 @@ def free_port() -> int:
 class ManagedProcess:
     """A child process with its output in a log file, stopped by pid."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str]):
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path

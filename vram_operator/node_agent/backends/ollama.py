@@ -33,6 +33,7 @@ from vram_operator.api import Backend, BackendHealth, ModelState
 from vram_operator.node_agent.estimate import Estimate, from_ollama_show
 
 from .base import (
+    DEFAULT_TIMEOUT,
     AiohttpTransport,
     BackendError,
     LoadRequest,
@@ -153,19 +154,14 @@ class OllamaBackend:
         """Per model: the expires_at last listed, and the access time derived from it."""
 
     async def _call(
-        self, method: str, path: str, body: Any = None, time_limit: float | None = None
+        self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
     ) -> Any:
         """One JSON request with retries; returns the decoded answer."""
         url = f"{self.base_url}{path}"
         context = f"ollama {method} {path}"
 
         async def attempt() -> Any:
-            if time_limit is None:
-                response = await self._transport.request(method, url, json=body)
-            else:
-                response = await self._transport.request(
-                    method, url, json=body, time_limit=time_limit
-                )
+            response = await self._transport.request(method, url, json=body, time_limit=time_limit)
             raise_for_status(response, context)
             return decode_json(response.body, context)
 
@@ -257,8 +253,17 @@ class OllamaBackend:
         }
         if options:
             body["options"] = options
-        answer = await self._call("POST", "/api/generate", body, time_limit=self._load_timeout)
-        parse_as(_Done, answer, f"ollama load {request.model}")
+        try:
+            answer = await self._call("POST", "/api/generate", body, time_limit=self._load_timeout)
+            parse_as(_Done, answer, f"ollama load {request.model}")
+        except BackendError as err:
+            if err.status != 400 or "does not support" not in err.message:
+                raise
+            # An embedding model refuses generate; an empty /api/embed request loads it.
+            embed = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
+            await self._call(
+                "POST", "/api/embed", {**embed, "input": []}, time_limit=self._load_timeout
+            )
         name = normalize(request.model)
         for info in await self.list_resident():
             if info.model == name:

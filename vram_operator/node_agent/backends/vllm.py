@@ -31,6 +31,7 @@ from vram_operator.api import Backend, BackendHealth, ModelState
 from vram_operator.node_agent.estimate import Estimate
 
 from .base import (
+    DEFAULT_TIMEOUT,
     AiohttpTransport,
     BackendError,
     LoadRequest,
@@ -137,18 +138,13 @@ class VLLMBackend:
         return f"/models/{quote(key, safe='')}{suffix}"
 
     async def _call(
-        self, method: str, path: str, body: Any = None, time_limit: float | None = None
+        self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
     ) -> Any:
         url = f"{self.base_url}{path}"
         context = f"vllm-supervisor {method} {path}"
 
         async def attempt() -> Any:
-            if time_limit is None:
-                response = await self._transport.request(method, url, json=body)
-            else:
-                response = await self._transport.request(
-                    method, url, json=body, time_limit=time_limit
-                )
+            response = await self._transport.request(method, url, json=body, time_limit=time_limit)
             raise_for_status(response, context)
             return decode_json(response.body, context)
 

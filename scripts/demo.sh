@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up on a fresh machine and run the demo: a local control plane, two simulated GPU
+# nodes (real agents over fake Ollama/vLLM), the operator, and the examples converging.
+# Extra arguments go to `vram-operator demo` (e.g. --keep-running).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+[[ -x "${VENV}/bin/python" ]] || "${PYTHON}" -m venv "${VENV}"
+"${VENV}/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+export PATH="${PWD}/${VENV}/bin:${PATH}"
+bash scripts/install-control-plane.sh
+exec vram-operator demo "$@"

@@ -1,0 +1,142 @@
+"""A whole simulated cluster on a local control plane: CRDs, Node objects, simulated GPU
+nodes (agents over fake backends) and operator processes. The demo and the integration
+tests build clusters with this, so both exercise the same path a user's cluster takes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from vram_operator.api.crd import custom_resource_definitions
+
+from .nodes import GiB, ManagedProcess, SimulatedNode, free_port
+
+
+def install_crds(api_client: client.ApiClient, timeout: float = 30) -> None:
+    """Create or update both CRDs and wait until the API server serves them."""
+    api = client.ApiextensionsV1Api(api_client)
+    for crd in custom_resource_definitions():
+        name = crd["metadata"]["name"]
+        try:
+            api.create_custom_resource_definition(crd)  # type: ignore[arg-type]
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = api.read_custom_resource_definition(name)
+            crd["metadata"]["resourceVersion"] = (
+                current.metadata and current.metadata.resource_version
+            )
+            api.replace_custom_resource_definition(name, crd)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    for crd in custom_resource_definitions():
+        name = crd["metadata"]["name"]
+        while True:
+            status = api.read_custom_resource_definition(name).status
+            conditions = (status.conditions if status else None) or []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not Established after {timeout}s")
+            time.sleep(0.1)
+
+
+def create_node(
+    api_client: client.ApiClient,
+    name: str,
+    labels: dict[str, str] | None = None,
+    taints: Sequence[dict[str, Any]] = (),
+) -> None:
+    """A Node object standing for a machine (there is no kubelet to register one)."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+        "spec": {"taints": list(taints)},
+    }
+    core = client.CoreV1Api(api_client)
+    try:
+        core.create_node(body)  # type: ignore[arg-type]
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    # The API server taints every new Node not-ready until its kubelet reports; there is no
+    # kubelet here, so set the taints the caller asked for, as a ready node would have.
+    core.patch_node(name, {"spec": {"taints": list(taints) or None}})
+
+
+class SimulatedCluster:
+    """Nodes and operators started on one control plane; stop() ends every process."""
+
+    def __init__(self, api_client: client.ApiClient, kubeconfig: str, workdir: Path) -> None:
+        self.api = api_client
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.nodes: dict[str, SimulatedNode] = {}
+        self.operators: list[ManagedProcess] = []
+
+    def add_node(
+        self,
+        name: str,
+        gpu_sizes: Sequence[int] = (24 * GiB,),
+        labels: dict[str, str] | None = None,
+        taints: Sequence[dict[str, Any]] = (),
+        agent_args: Sequence[str] = (),
+        ollama_args: Sequence[str] = (),
+    ) -> SimulatedNode:
+        create_node(self.api, name, labels, taints)
+        node = SimulatedNode(
+            name,
+            self.workdir,
+            self.kubeconfig,
+            gpu_sizes=gpu_sizes,
+            agent_args=agent_args,
+            ollama_args=ollama_args,
+        )
+        self.nodes[name] = node
+        return node.start()
+
+    def start_operator(self, *args: str, namespace: str = "default") -> ManagedProcess:
+        index = len(self.operators)
+        operator = ManagedProcess(
+            f"operator-{index}",
+            [
+                sys.executable,
+                "-m",
+                "vram_operator",
+                "operator",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--namespace",
+                namespace,
+                "--identity",
+                f"operator-{index}",
+                "--metrics-port",
+                str(free_port()),
+                "--metrics-host",
+                "127.0.0.1",
+                *args,
+            ],
+            self.workdir / f"operator-{index}.log",
+            env=None,
+        )
+        operator.start()
+        self.operators.append(operator)
+        return operator
+
+    def stop(self) -> None:
+        for operator in self.operators:
+            operator.stop()
+        for node in self.nodes.values():
+            node.stop()
+
+    def logs(self) -> str:
+        parts = [f"--- {op.name}\n{op.tail()}" for op in self.operators]
+        parts.extend(node.logs() for node in self.nodes.values())
+        return "\n".join(parts)
