@@ -98,6 +98,8 @@ class SimulatedCluster:
             gpu_sizes=gpu_sizes,
             agent_args=agent_args,
             ollama_args=ollama_args,
+            # Nodes share this machine's loopback, so each supervisor gets its own ports.
+            vllm_ports=f"{8100 + 20 * len(self.nodes)}-{8119 + 20 * len(self.nodes)}",
         )
         self.nodes[name] = node
         return node.start()

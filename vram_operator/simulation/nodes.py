@@ -109,6 +109,7 @@ class SimulatedNode:
         agent_args: Sequence[str] = (),
         ollama_args: Sequence[str] = (),
         vllm: bool = True,
+        vllm_ports: str = "8100-8199",
     ) -> None:
         self.name = name
         self.dir = workdir / name
@@ -118,6 +119,7 @@ class SimulatedNode:
         self.agent_args = list(agent_args)
         self.ollama_args = list(ollama_args)
         self.vllm = vllm
+        self.vllm_ports = vllm_ports
         self.gpu_state = self.dir / "gpus.json"
         self.env = {**os.environ, "VRAM_SIM_GPU_STATE": str(self.gpu_state)}
         self.ollama_url = f"http://127.0.0.1:{free_port()}"
@@ -150,6 +152,8 @@ class SimulatedNode:
                     str(port),
                     "--vllm-command",
                     command,
+                    "--port-range",
+                    self.vllm_ports,
                 ],
                 self.dir / "vllm-supervisor.log",
                 self.env,
