@@ -332,7 +332,7 @@ NODE_SETS = st.sets(st.sampled_from(["a", "b", "c", "d"]), max_size=4)
 PENDING = st.sampled_from([None, *PendingReason])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     nodes=NODE_SETS,
     reports=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), REPORTS),
