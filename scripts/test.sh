@@ -25,7 +25,7 @@ log "ruff"
 ruff check .
 ruff format --check .
 log "mypy"
-mypy vram_operator tests
+mypy vram_operator tests bench
 log "import contracts"
 lint-imports
 
