@@ -44,7 +44,7 @@ from .eviction import (
 from .metrics import AgentMetrics
 from .monitors import GPUReading, GPUSource, HostMonitor, HostReading
 from .registry import ON_GPU, Entry, Registry
-from .storage import GPUNodeStore
+from .storage import GPUNodeStore, StoreError
 from .system import drop_page_cache, remove_orphaned_shm
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,10 @@ class NodeAgent:
                 await self.reconcile()
                 if self._report_soon.is_set() or time.monotonic() >= next_report:
                     self._report_soon.clear()
-                    await self.report()
+                    try:
+                        await self.report()
+                    except StoreError as exc:  # the API server is away: report again later
+                        log.warning("%s", exc)
                     next_report = time.monotonic() + self.config.report_interval
                 await self._sleep_until_woken(stop, max(0.0, next_report - time.monotonic()))
         finally:
@@ -237,9 +240,17 @@ class NodeAgent:
         )
 
     def _fits(self, entry: Entry, assignment: Assignment) -> bool:
-        """Whether a parked or evicted model can come back without evicting anything."""
+        """Whether a parked or evicted model can come back without evicting anything.
+
+        Never while a load or unload is in flight, and only against a fresh reading: memory
+        still moving looks free when another load is about to take it, and the model would
+        then come back by evicting others, a thrash.
+        """
+        if self._tasks:
+            return False
         needed = assignment.vram_bytes or entry.vram_bytes or 0
-        gpu = self._last_gpus.get(entry.gpu_uuid or assignment.gpu_uuid or "")
+        gpus = {g.uuid: g for g in self._read_gpus().gpus}
+        gpu = gpus.get(entry.gpu_uuid or assignment.gpu_uuid or "")
         return gpu is not None and gpu.free_bytes - self.config.min_free_bytes >= needed
 
     def _start(self, key: str, work: Coroutine[Any, Any, None]) -> None:

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--psi-threshold", type=float, default=10.0, help="PSI some avg10 (%%) that is pressure"
     )
     parser.add_argument("--min-free", default="256Mi", help="VRAM kept free per GPU")
+    parser.add_argument(
+        "--retry-initial-seconds",
+        type=float,
+        default=5.0,
+        help="wait before retrying a failed load; doubles per failure up to --retry-max-seconds",
+    )
+    parser.add_argument("--retry-max-seconds", type=float, default=300.0)
     parser.add_argument("--metrics-port", type=int, default=9400, help="0 disables /metrics")
     parser.add_argument("--metrics-host", default="0.0.0.0")
     parser.add_argument("--proc", default="/proc", help="root of the proc filesystem")
@@ -90,6 +97,8 @@ async def _run(args: argparse.Namespace) -> int:
             min_residency_seconds=args.min_residency,
             psi_some_threshold=args.psi_threshold,
         ),
+        retry_initial_seconds=args.retry_initial_seconds,
+        retry_max_seconds=args.retry_max_seconds,
         min_free_bytes=parse_bytes(args.min_free),
         drop_page_cache_above=(
             parse_bytes(args.drop_page_cache_above) if args.drop_page_cache_above else None

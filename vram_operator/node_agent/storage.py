@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
@@ -20,6 +21,10 @@ from vram_operator.api.gpunode import KIND, PLURAL
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRIES = 10
+
+
+class StoreError(Exception):
+    """The API server did not take a write; the agent carries on and writes again later."""
 
 
 class GPUNodeStore:
@@ -62,26 +67,40 @@ class GPUNodeStore:
         """Replace the status through the status subresource; retry on conflict.
 
         The agent owns the whole status, so it PUTs it at the resourceVersion it just read;
-        a 409 (the operator changed spec meanwhile) re-reads and tries again. Returns the
-        number of conflicts it met.
+        a 409 (the operator changed spec meanwhile) re-reads and tries again. A GPUNode deleted
+        under the agent is created again, so the node keeps a place to report into. Returns
+        the number of attempts that did not land; raises StoreError when none did.
         """
         body_status = status.to_k8s()
-        for attempt in range(CONFLICT_RETRIES):
+        try:
+            for attempt in range(CONFLICT_RETRIES):
+                if self._replace_status(body_status):
+                    return attempt
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            reason = exc.reason if isinstance(exc, ApiException) else exc
+            raise StoreError(f"cannot write the status of GPUNode {self.node}: {reason}") from exc
+        raise StoreError(f"the status of GPUNode {self.node} kept conflicting")
+
+    def _replace_status(self, body_status: dict[str, Any]) -> bool:
+        """One read-modify-write of the status; False when it must be tried again."""
+        try:
             current = self._api.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.node)
             if not isinstance(current, dict):
                 raise TypeError(f"GPUNode {self.node} read back as {type(current).__name__}")
             current["status"] = body_status
-            try:
-                self._api.replace_cluster_custom_object_status(
-                    GROUP, VERSION, PLURAL, self.node, current
-                )
-            except ApiException as exc:
-                if exc.status == 409:
-                    log.debug("status conflict on %s, retrying", self.node)
-                    continue
-                raise
-            return attempt
-        raise RuntimeError(f"status of GPUNode {self.node} kept conflicting")
+            self._api.replace_cluster_custom_object_status(
+                GROUP, VERSION, PLURAL, self.node, current
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                log.debug("status conflict on %s, retrying", self.node)
+                return False
+            if exc.status == 404:
+                log.warning("GPUNode %s was deleted; creating it again", self.node)
+                self.ensure()
+                return False
+            raise
+        return True
 
     def watch(self, on_change: Callable[[GPUNode | None], None], stop: threading.Event) -> None:
         """Block, calling on_change for every change to this node's GPUNode until stop is set.
