@@ -717,3 +717,34 @@ def test_each_agent_watches_and_writes_only_its_own_gpunode(
     assert {m.key for m in status_a.models} == {"default.only-a"}
     assert ollama_owner(node_a, "llama3.2:3b") is None
     assert ollama_owner(node_b, "llama3.2:1b") is None
+
+
+# ---- keepAlive ------------------------------------------------------------------------------
+
+
+def test_an_idle_model_is_unloaded_after_keep_alive_and_stays_out(
+    cluster: SimulatedCluster, nodes: GPUNodes
+) -> None:
+    """vLLM keeps models forever, so the agent enforces keepAlive itself; the model stays out
+    (Evicted, saying why) until its assignment changes, instead of being reloaded at once."""
+    node = start(cluster, nodes, "agent-idle", gpu_sizes=[16 * GIB], agent_args=QUICK)
+    idle = assignment("default.idle", VLLM_MODEL, Backend.VLLM, vram_bytes=2 * GIB)
+    nodes.assign("agent-idle", "default.idle", idle.model_copy(update={"keep_alive_seconds": 3}))
+    in_state(nodes, "agent-idle", "default.idle", ModelState.LOADED)
+
+    evicted = in_state(nodes, "agent-idle", "default.idle", ModelState.EVICTED)
+    assert evicted.message is not None
+    assert "past keepAlive" in evicted.message
+    eventually(lambda: not held(node), "the simulated GPU to be empty")
+    later = reports_later(nodes, "agent-idle", count=3)
+    (model,) = later.models
+    assert model.state is ModelState.EVICTED  # not reloaded behind the user's back
+    assert metric_sum(metrics(node), "vram_model_evictions_total") == 1
+
+    # A new generation of the assignment (the user changed the spec) loads it again.
+    nodes.assign(
+        "agent-idle",
+        "default.idle",
+        idle.model_copy(update={"keep_alive_seconds": 600, "generation": 2}),
+    )
+    in_state(nodes, "agent-idle", "default.idle", ModelState.LOADED)

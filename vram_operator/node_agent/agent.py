@@ -224,12 +224,36 @@ class NodeAgent:
                     continue
                 if entry.state is ModelState.FAILED and now < self._retry(key).not_before:
                     continue
+                if entry.idle_expired and entry.generation == assignment.generation:
+                    continue
                 if entry.state in (ModelState.SLEEPING, ModelState.EVICTED) and not self._fits(
                     entry, assignment
                 ):
                     continue
             self._start(key, self._load(key, assignment, replacing=current))
+        await self._expire_idle(now)
         await self._relieve_pressure()
+
+    def _idle_beyond_keep_alive(self, entry: Entry, now: float) -> float | None:
+        """Seconds idle when that exceeds the assignment's keepAlive, else None."""
+        assignment = self._desired.get(entry.key)
+        if assignment is None or assignment.keep_alive_seconds is None:
+            return None
+        last = entry.last_access or entry.loaded_at
+        idle = now - last.timestamp() if last else 0.0
+        return idle if idle >= assignment.keep_alive_seconds else None
+
+    async def _expire_idle(self, now: float) -> None:
+        """Unload models idle longer than their keepAlive (Ollama does it itself; vLLM not)."""
+        for entry in self.registry.snapshot():
+            if entry.state is not ModelState.LOADED or entry.key in self._tasks:
+                continue
+            idle = self._idle_beyond_keep_alive(entry, now)
+            if idle is not None:
+                await self._demote(
+                    entry.key, "unload", "KeepAliveExpired", f"idle for {idle:.0f}s, past keepAlive"
+                )
+                self.registry.update(entry.key, idle_expired=True)
 
     def _differs(self, entry: Entry, assignment: Assignment) -> bool:
         """True when the resident model is not what is assigned (model, backend or GPU)."""
@@ -548,10 +572,16 @@ class NodeAgent:
                     continue
                 info = seen.get(entry.key) or seen.get(entry.model)
                 if info is None and entry.state is ModelState.LOADED:
+                    idle = self._idle_beyond_keep_alive(entry, self._clock())
                     self.registry.update(
                         entry.key,
                         state=ModelState.EVICTED,
-                        message="no longer resident in the backend",
+                        idle_expired=idle is not None,
+                        message=(
+                            "no longer resident in the backend"
+                            if idle is None
+                            else f"evicted: idle for {idle:.0f}s, past keepAlive"
+                        ),
                     )
                 elif info is not None:
                     changes: dict[str, object] = {}

@@ -34,6 +34,8 @@ class Entry:
     message: str | None = None
     can_park: bool = False
     generation: int | None = None
+    idle_expired: bool = False
+    """Unloaded after keepAlive of idleness: it stays out until its assignment changes."""
 
     def to_status(self) -> ResidentModel:
         return ResidentModel(
