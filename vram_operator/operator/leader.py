@@ -56,7 +56,9 @@ class LeaderElector:
         last_renewed = asyncio.get_running_loop().time()
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), self.renew_seconds)
+                # Not wait_for: it spawns a task, which kopf would wait on when it shuts down.
+                async with asyncio.timeout(self.renew_seconds):
+                    await stop.wait()
                 return
             except TimeoutError:
                 pass

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--default-vram", default="4Gi", help="budget for a model without spec.vram until measured"
     )
+    parser.add_argument(
+        "--gpu-reserve",
+        default="256Mi",
+        help="VRAM per GPU never promised to a model; match the agents' --min-free",
+    )
     parser.add_argument("--metrics-port", type=int, default=9300, help="0 disables /metrics")
     parser.add_argument("--metrics-host", default="0.0.0.0")
     parser.add_argument("--log-level", default="INFO")
@@ -80,28 +85,30 @@ async def _run(args: argparse.Namespace) -> int:
                 allow_preemption=not args.no_preemption,
             ),
             default_vram_bytes=parse_bytes(args.default_vram),
+            gpu_reserve_bytes=parse_bytes(args.gpu_reserve),
         )
         service = OperatorService(ClusterStore(client), config, metrics)
         await service.start()
-        kopf_stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(
-                kopf.operator(
-                    registry=registry,
-                    clusterwide=True,
-                    standalone=True,
-                    stop_flag=kopf_stop,
-                    memo=kopf.Memo(service=service),
-                )
-            ),
-            asyncio.create_task(service.run(kopf_stop)),
-            asyncio.create_task(elector.keep(kopf_stop)),
-        ]
+        stopping = asyncio.Event()
+        # No stop_flag for kopf: it stops itself on SIGTERM and SIGINT (it takes those signals
+        # over) and is cancelled otherwise. Given a flag, kopf waits 5 s at a signal for its own
+        # still-pending waiter on that flag before it returns.
+        handlers = asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                clusterwide=True,
+                standalone=True,
+                memo=kopf.Memo(service=service),
+            )
+        )
+        worker = asyncio.create_task(service.run(stopping))
+        tasks = [handlers, worker, asyncio.create_task(elector.keep(stopping))]
         lost = asyncio.create_task(elector.lost.wait())
         halted = asyncio.create_task(stop.wait())
         await asyncio.wait([lost, halted, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        kopf_stop.set()
-        for task in (lost, halted):
+        stopping.set()
+        # Stopping, or no longer the leader: write nothing more (state lives in the API server).
+        for task in (handlers, worker, lost, halted):
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
@@ -122,6 +129,9 @@ def main(argv: Sequence[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # kopf logs every handled event at INFO; agent heartbeats would drown everything else.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_run(args))
     return 130

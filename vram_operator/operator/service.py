@@ -10,6 +10,7 @@ the same VRAM twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -35,7 +36,7 @@ from vram_operator.api import (
     parse_spec,
 )
 
-from .folding import events_between, fold_status
+from .folding import Reason, events_between, fold_status
 from .metrics import OperatorMetrics
 from .placement import (
     NodeView,
@@ -60,6 +61,9 @@ class OperatorConfig:
     placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
     default_vram_bytes: int = parse_bytes("4Gi")
     """Budget for a model with no spec.vram until an agent has measured or estimated it."""
+    gpu_reserve_bytes: int = parse_bytes("256Mi")
+    """VRAM per GPU the agents keep free (their --min-free); never promised to a model, or the
+    agent would refuse the last model placed on a full GPU."""
     stale_check_seconds: float = 2.0
 
 
@@ -106,7 +110,8 @@ class OperatorService:
         for name, gpunode in self._gpunodes.items():
             for key, assignment in gpunode.spec.assignments.items():
                 self._assigned[key][name] = assignment
-                self._names[key] = (assignment.namespace, assignment.name)
+                # Queued too: one whose ModelDeployment went while no operator ran is withdrawn.
+                self.mark(assignment.namespace, assignment.name)
         self.reservations.rebuild(self._views())
         for item in await self.store.list_deployments():
             meta = item["metadata"]
@@ -167,13 +172,15 @@ class OperatorService:
             await self.store.delete_gpunode(name)
 
     def _mark_pending(self) -> None:
-        for namespace, name in list(self._pending):
-            self.mark(namespace, name)
+        for (namespace, name), reason in list(self._pending.items()):
+            if reason != Reason.INVALID_SPEC:  # capacity cannot fix a spec; an edit re-queues it
+                self.mark(namespace, name)
 
     # ---- the worker ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Drain the dirty set until stopped; also notice nodes whose heartbeat went stale."""
+        """Drain the dirty set until stopped (seen within stale_check_seconds, or cancel the
+        task); also notice nodes whose heartbeat went stale."""
         while not stop.is_set():
             self._check_staleness()
             batch, self._dirty = self._dirty, set()
@@ -182,16 +189,11 @@ class OperatorService:
                 await self._guarded(self.reconcile, namespace, name)
             if self._dirty:
                 continue
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, stop)]
-            try:
-                await asyncio.wait(
-                    waiters,
-                    timeout=self.config.stale_check_seconds,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            # Waiting spawns no task: kopf takes every task made after its start for its own and
+            # holds its shutdown up to 5 s for those still pending.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.stale_check_seconds):
+                    await self._wake.wait()
 
     async def _guarded(
         self, func: Callable[[str, str], Awaitable[None]], namespace: str, name: str
@@ -230,7 +232,12 @@ class OperatorService:
         key = assignment_key(namespace, name)
         body = await self.store.get_deployment(namespace, name)
         if body is None:
+            # Deleted without our finalizer running (force-deleted, or while no operator ran):
+            # nothing else would ever withdraw what it still holds.
+            if await self._withdraw_all(key):
+                self._mark_pending()  # freed capacity
             self._forget(key, (namespace, name))
+            self._names.pop(key, None)
             return
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
@@ -251,7 +258,7 @@ class OperatorService:
                 previous=previous,
                 now=self.clock(),
             )
-            self._pending[(namespace, name)] = "InvalidSpec"
+            self._pending[(namespace, name)] = Reason.INVALID_SPEC
             await self._publish(body, previous, status)
             return
         reason, message = await self._place(key, body, spec)
@@ -311,6 +318,7 @@ class OperatorService:
                 if await self.store.set_assignment(choice.node, key, assignment):
                     self._assigned[key][choice.node] = assignment
                     self.metrics.placements.labels("placed").inc()
+                    log.info("placed %s on %s (%s)", key, choice.node, choice.gpu_uuid)
                 else:
                     self.reservations.release(key, choice.node)
             for node in decision.keep:
@@ -329,6 +337,7 @@ class OperatorService:
 
     async def _withdraw(self, key: str, node: str) -> None:
         await self.store.set_assignment(node, key, None)
+        log.info("withdrew %s from %s", key, node)
         self._assigned.get(key, {}).pop(node, None)
         self.reservations.release(key, node)
 
@@ -377,8 +386,11 @@ class OperatorService:
         status: ModelDeploymentStatus,
     ) -> None:
         meta = body["metadata"]
-        if previous is None or previous.to_k8s() != status.to_k8s():
-            await self.store.write_status(meta["namespace"], meta["name"], status)
+        changed = previous is None or previous.to_k8s() != status.to_k8s()
+        if changed and not await self.store.write_status(meta["namespace"], meta["name"], status):
+            # Deleted since we read it, perhaps after placing it: the next pass withdraws.
+            self.mark(meta["namespace"], meta["name"])
+            return
         for event in events_between(previous, status):
             await self.store.post_event(body, event.type, event.reason, event.message)
         self._update_pending_gauge()
@@ -405,13 +417,7 @@ class OperatorService:
         does not hold the deletion up.
         """
         key = assignment_key(namespace, name)
-        async with self._place_lock:
-            nodes = set(self._assigned.get(key, {}))
-            nodes.update(n for n, g in self._gpunodes.items() if key in g.spec.assignments)
-            for node in sorted(nodes):
-                await self._withdraw(key, node)
-            self._assigned.pop(key, None)
-            self.reservations.release(key)
+        await self._withdraw_all(key)
         holding = [
             node
             for node, gpunode in sorted(self._gpunodes.items())
@@ -425,6 +431,17 @@ class OperatorService:
             self._mark_pending()  # freed capacity
         return holding
 
+    async def _withdraw_all(self, key: str) -> bool:
+        """Withdraw `key` from every node that holds or may hold it; False when none did."""
+        async with self._place_lock:
+            nodes = set(self._assigned.get(key, {}))
+            nodes.update(n for n, g in self._gpunodes.items() if key in g.spec.assignments)
+            for node in sorted(nodes):
+                await self._withdraw(key, node)
+            self._assigned.pop(key, None)
+            self.reservations.release(key)
+        return bool(nodes)
+
     # ---- views -----------------------------------------------------------------------------
 
     def _view(self, gpunode: GPUNode) -> NodeView:
@@ -435,7 +452,11 @@ class OperatorService:
         )
         # Our own writes reach the watch later; until then the in-memory picture is the truth.
         assignments = {k: nodes[name] for k, nodes in self._assigned.items() if name in nodes}
-        return dataclasses.replace(view, assignments=assignments)
+        reserve = self.config.gpu_reserve_bytes
+        gpus = tuple(
+            g.model_copy(update={"total_bytes": max(0, g.total_bytes - reserve)}) for g in view.gpus
+        )
+        return dataclasses.replace(view, assignments=assignments, gpus=gpus)
 
     def _views(self) -> list[NodeView]:
         return [self._view(g) for g in self._gpunodes.values()]

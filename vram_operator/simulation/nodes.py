@@ -165,6 +165,8 @@ class SimulatedNode:
 
     def start_ollama(self) -> None:
         """Start (or restart) the fake Ollama on this node's fixed port."""
+        if self.ollama is not None:
+            self.ollama.stop()  # reaps a crashed one and closes its log
         self.ollama = ManagedProcess(
             f"{self.name}/ollama",
             [
