@@ -137,7 +137,7 @@ class NodeAgent:
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            await asyncio.to_thread(watcher.join, 35)
+            await asyncio.to_thread(watcher.join, 10)
 
     async def _sleep_until_woken(self, stop: asyncio.Event, seconds: float) -> None:
         waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, self._report_soon, stop)]
@@ -327,6 +327,11 @@ class NodeAgent:
         if replacing is not None and replacing.state is ModelState.SLEEPING and backend:
             await self._wake_parked(replacing, backend)
             return
+        # A model coming back after an eviction takes only free memory: letting it evict in
+        # turn would chain evictions through models of the same priority.
+        returning = (
+            replacing if replacing is not None and replacing.state is ModelState.EVICTED else None
+        )
         self.registry.put(entry)
         self._poke()
         if backend is None:
@@ -342,7 +347,7 @@ class NodeAgent:
                 self._fail(key, "NoGPU", "this node reports no GPU to load onto")
                 return
             async with self._gpu_locks.setdefault(gpu.uuid, asyncio.Lock()):
-                if not await self._make_room(key, assignment, gpu, needed):
+                if not await self._make_room(key, assignment, gpu, needed, returning):
                     return
                 self._maybe_drop_page_cache(needed)
                 info = await backend.load(
@@ -399,8 +404,19 @@ class NodeAgent:
                 return gpu
         return max(gpus, key=lambda g: g.free_bytes, default=None)
 
-    async def _make_room(self, key: str, assignment: Assignment, gpu: GPU, needed: int) -> bool:
-        """Evict the fewest colder models so `needed` fits; False (and Failed) when it cannot."""
+    async def _make_room(
+        self,
+        key: str,
+        assignment: Assignment,
+        gpu: GPU,
+        needed: int,
+        returning: Entry | None = None,
+    ) -> bool:
+        """Evict the fewest colder models so `needed` fits; False (and Failed) when it cannot.
+
+        A `returning` (previously evicted) model evicts nothing: when it does not fit in free
+        memory it goes back to its Evicted entry and waits for room.
+        """
         fresh = {g.uuid: g for g in self._read_gpus().gpus}.get(gpu.uuid, gpu)
         free = fresh.free_bytes - self.config.min_free_bytes
         on_gpu = [
@@ -418,6 +434,9 @@ class NodeAgent:
             host_under_pressure=self._host_under_pressure(),
             host_available_bytes=self._host_available(),
         )
+        if returning is not None and plan.actions:
+            self.registry.put(returning)
+            return False
         if not plan.feasible:
             self._fail(key, "InsufficientVRAM", plan.message)
             return False

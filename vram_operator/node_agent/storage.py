@@ -113,7 +113,7 @@ class GPUNodeStore:
             watcher = watch.Watch()
             kwargs: dict[str, Any] = {
                 "field_selector": f"metadata.name={self.node}",
-                "timeout_seconds": 30,
+                "timeout_seconds": 5,
             }
             if resource_version is not None:
                 kwargs["resource_version"] = resource_version
