@@ -47,6 +47,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = yaml.safe_load((ROOT / "tests/data/bad-modeldeployments.yaml").read_text())
+INVALID = yaml.safe_load((ROOT / "tests/data/invalid-specs.yaml").read_text())
 MDEP = "modeldeployments"
 GPUN = "gpunodes"
 # kubectl reads discovery and OpenAPI, which the API server updates a moment after a CRD is
@@ -496,78 +497,13 @@ def test_status_is_a_subresource(custom: client.CustomObjectsApi, scratch: Scrat
     assert stored["status"] == written["status"]
 
 
-@pytest.mark.parametrize(
-    ("spec", "field", "fragment"),
-    [
-        (
-            {"model": "llama3.2:1b", "backend": "ollama", "vllm": {"args": ["--dtype=half"]}},
-            "spec.vllm",
-            "only allowed with backend vllm",
-        ),
-        (
-            {"model": "Qwen/Qwen2.5-0.5B-Instruct", "backend": "vllm", "ollama": {}},
-            "spec.ollama",
-            "only allowed with backend ollama",
-        ),
-        (
-            {
-                "model": "Qwen/Qwen2.5-0.5B-Instruct",
-                "backend": "vllm",
-                "vllm": {"args": ["--dtype=half", "--port=9000"]},
-            },
-            "spec.vllm.args[1]",
-            "set by the supervisor",
-        ),
-        ({"model": "llama3.2:1b", "backend": "vllm"}, "spec.model", "Hugging Face id"),
-        ({"model": "bad//:name:x:y", "backend": "ollama"}, "spec.model", "name[:tag]"),
-        (
-            {"model": "llama3.2:1b", "backend": "ollama", "nodeSelector": {"bad key!": "x"}},
-            "spec.nodeSelector.bad key!",
-            "not a valid label key",
-        ),
-        (
-            {"model": "llama3.2:1b", "backend": "ollama", "nodeSelector": {"gpu": "a b"}},
-            "spec.nodeSelector.gpu",
-            "not a valid label value",
-        ),
-        (
-            {
-                "model": "llama3.2:1b",
-                "backend": "ollama",
-                "tolerations": [{"key": "a", "operator": "Exists", "value": "b"}],
-            },
-            "spec.tolerations[0].value",
-            "must be empty when operator is Exists",
-        ),
-        (
-            {
-                "model": "llama3.2:1b",
-                "backend": "ollama",
-                "tolerations": [{"effect": "NoSchedule"}],
-            },
-            "spec.tolerations[0].key",
-            "is required when operator is Equal",
-        ),
-    ],
-    ids=[
-        "vllm-options-with-ollama",
-        "ollama-options-with-vllm",
-        "supervisor-owned-flag",
-        "vllm-model-not-a-hf-id",
-        "malformed-ollama-ref",
-        "bad-node-selector-key",
-        "bad-node-selector-value",
-        "exists-toleration-with-value",
-        "equal-toleration-without-key",
-    ],
-)
+@pytest.mark.parametrize("case", INVALID, ids=[case["case"] for case in INVALID])
 def test_accepted_but_invalid_spec_is_a_spec_error(
     custom: client.CustomObjectsApi,
     scratch: Scratch,
-    spec: dict[str, Any],
-    field: str,
-    fragment: str,
+    case: dict[str, Any],
 ) -> None:
+    spec, field, fragment = case["spec"], case["field"], case["message"]
     name = scratch.name(f"semantic-{secrets.token_hex(2)}")
     custom.create_namespaced_custom_object(
         GROUP, VERSION, scratch.namespace, MDEP, _manifest(name, scratch.namespace, spec)

@@ -335,6 +335,25 @@ def decode_json(body: bytes, context: str) -> Any:
         raise BackendError(f"answered invalid JSON: {snippet!r}", context=context) from None
 
 
+async def call_json(
+    transport: Transport,
+    retry: RetryPolicy,
+    method: str,
+    url: str,
+    context: str,
+    body: Any = None,
+    time_limit: float = DEFAULT_TIMEOUT,
+) -> Any:
+    """One JSON request under the retry policy; returns the decoded answer."""
+
+    async def attempt() -> Any:
+        response = await transport.request(method, url, json=body, time_limit=time_limit)
+        raise_for_status(response, context)
+        return decode_json(response.body, context)
+
+    return await retry.run(attempt)
+
+
 def parse_as(model: type[M], data: Any, context: str) -> M:
     """Validate decoded JSON against the shape we rely on, or explain what is wrong with it."""
     try:

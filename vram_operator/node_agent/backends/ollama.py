@@ -41,9 +41,9 @@ from .base import (
     ResidentInfo,
     RetryPolicy,
     Transport,
+    call_json,
     decode_json,
     parse_as,
-    raise_for_status,
     utcnow,
 )
 
@@ -157,15 +157,15 @@ class OllamaBackend:
         self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
     ) -> Any:
         """One JSON request with retries; returns the decoded answer."""
-        url = f"{self.base_url}{path}"
-        context = f"ollama {method} {path}"
-
-        async def attempt() -> Any:
-            response = await self._transport.request(method, url, json=body, time_limit=time_limit)
-            raise_for_status(response, context)
-            return decode_json(response.body, context)
-
-        return await self._retry.run(attempt)
+        return await call_json(
+            self._transport,
+            self._retry,
+            method,
+            f"{self.base_url}{path}",
+            f"ollama {method} {path}",
+            body,
+            time_limit,
+        )
 
     async def health(self) -> BackendHealth:
         try:

@@ -39,7 +39,7 @@ from .base import (
     ResidentInfo,
     RetryPolicy,
     Transport,
-    decode_json,
+    call_json,
     parse_as,
     raise_for_status,
     utcnow,
@@ -140,15 +140,15 @@ class VLLMBackend:
     async def _call(
         self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
     ) -> Any:
-        url = f"{self.base_url}{path}"
-        context = f"vllm-supervisor {method} {path}"
-
-        async def attempt() -> Any:
-            response = await self._transport.request(method, url, json=body, time_limit=time_limit)
-            raise_for_status(response, context)
-            return decode_json(response.body, context)
-
-        return await self._retry.run(attempt)
+        return await call_json(
+            self._transport,
+            self._retry,
+            method,
+            f"{self.base_url}{path}",
+            f"vllm-supervisor {method} {path}",
+            body,
+            time_limit,
+        )
 
     async def health(self) -> BackendHealth:
         try:
