@@ -436,7 +436,7 @@ async def test_with_retries_leaves_other_exceptions_alone() -> None:
     assert calls == 1
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     attempt=st.integers(min_value=1, max_value=30),
     base=st.floats(min_value=0, max_value=5),

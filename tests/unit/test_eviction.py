@@ -44,7 +44,7 @@ GI = 2**30
 NOW = 1_000_000.0
 LOW, NORMAL, HIGH, CRITICAL = Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.CRITICAL
 LOADED, LOADING, SLEEPING = ModelState.LOADED, ModelState.LOADING, ModelState.SLEEPING
-PROPERTY = settings(max_examples=100, deadline=None)
+PROPERTY = settings(max_examples=60, deadline=None)
 
 
 def model(

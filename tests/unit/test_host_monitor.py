@@ -231,7 +231,7 @@ def psi_line(kind: str, f: PSIFigures) -> str:
     return f"{kind} avg10={f.avg10:.2f} avg60={f.avg60:.2f} avg300={f.avg300:.2f} total={f.total}"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(some=figures, full=figures)
 def test_psi_figures_round_trip(some: PSIFigures, full: PSIFigures) -> None:
     pressure = parse_psi(psi_line("some", some) + "\n" + psi_line("full", full) + "\n")
@@ -239,7 +239,7 @@ def test_psi_figures_round_trip(some: PSIFigures, full: PSIFigures) -> None:
     assert pressure == MemoryPressure(available=True, some=some, full=full)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(total=st.integers(0, 2**50), available=st.integers(0, 2**50))
 def test_meminfo_figures_round_trip(total: int, available: int) -> None:
     text = f"MemTotal:{total:>16} kB\nMemFree:{1:>17} kB\nMemAvailable:{available:>12} kB\n"
@@ -258,7 +258,7 @@ def failure(parse: Callable[[str], object], text: str) -> str | None:
     return None
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(text=st.text())
 def test_parsers_fail_only_with_a_named_value_error(text: str) -> None:
     """Any other exception escaping a parser would fail this test."""

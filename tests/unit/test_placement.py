@@ -865,7 +865,7 @@ def _eligible(view: NodeView, req: PlacementRequest, config: PlacementConfig) ->
     return view.exists and fresh and selected and not tainted
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(nodes=clusters(), batch=batches(), spread=FLAGS)
 def test_sequential_placements_never_overcommit_and_respect_every_rule(
     nodes: list[NodeView], batch: list[PlacementRequest], spread: bool
@@ -904,7 +904,7 @@ def test_sequential_placements_never_overcommit_and_respect_every_rule(
             assert sum(h.vram_bytes for h in holds.values()) <= rooms[uuid]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(nodes=clusters(), size=SIZES, spread=FLAGS)
 def test_the_strategy_picks_the_fullest_or_emptiest_fitting_gpu(
     nodes: list[NodeView], size: int, spread: bool

@@ -7,11 +7,8 @@ import contextlib
 import datetime as dt
 import json
 import math
-import os
 import re
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -574,37 +571,3 @@ def test_vllm_main_frees_stale_memory_and_reports_failed_start(
     gpus.pressure(0, 20 * GIB)
     assert fake_vllm.main(argv) == 1
     assert "torch.OutOfMemoryError: CUDA out of memory" in capsys.readouterr().err
-
-
-async def test_vllm_as_a_process(gpus: SimulatedGPUs, state: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vram_operator.simulation.fake_vllm",
-        "serve",
-        "m",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--gpu-memory-utilization",
-        "0.25",
-        "--enable-sleep-mode",
-        env={**os.environ, "VRAM_SIM_GPU_STATE": str(state), "CUDA_VISIBLE_DEVICES": "1"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        first = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        match = re.fullmatch(r"listening on (http://127\.0\.0\.1:(\d+))\n", first)
-        assert match, first
-        async with aiohttp.ClientSession() as session, session.get(f"{match[1]}/health") as health:
-            assert health.status == 200
-        owner = f"pid:{process.pid}:vllm:{match[2]}"
-        assert gpus.device(1).allocations == {owner: 6 * GIB}
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode == 0, stderr.decode()
-    assert gpus.device(1).allocations == {}
