@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vram_operator.api import GPU, Assignment, Backend, GPUNode, ModelState, Priority
 from vram_operator.node_agent.eviction import EvictionConfig, Resident, plan_room
@@ -141,8 +142,74 @@ def bench_control_plane() -> list[tuple[str, str]]:
     return [("local control plane warm start to /readyz", f"{statistics.median(samples):.1f} s")]
 
 
+def bench_convergence(models: int = 40, nodes: int = 3) -> list[tuple[str, str]]:
+    """Apply `models` small Ollama models at once to simulated nodes; time each until Ready."""
+    import tempfile
+
+    from kubernetes import client, config
+
+    from vram_operator.localcluster import LocalControlPlane
+    from vram_operator.simulation.cluster import SimulatedCluster, install_crds
+
+    with tempfile.TemporaryDirectory() as workdir, LocalControlPlane() as cp:
+        api = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        cluster = SimulatedCluster(api, str(cp.kubeconfig), Path(workdir))
+        try:
+            install_crds(api)
+            for n in range(nodes):
+                cluster.add_node(
+                    f"bench-{n}", gpu_sizes=[24 * GiB], agent_args=["--report-interval", "2"]
+                )
+            cluster.start_operator()
+            custom = client.CustomObjectsApi(api)
+            created: dict[str, float] = {}
+            for i in range(models):
+                name = f"bench-{i}"
+                custom.create_namespaced_custom_object(
+                    "vram.dev",
+                    "v1alpha1",
+                    "default",
+                    "modeldeployments",
+                    {
+                        "apiVersion": "vram.dev/v1alpha1",
+                        "kind": "ModelDeployment",
+                        "metadata": {"name": name},
+                        "spec": {"model": f"bench-{i}:1b", "backend": "ollama", "vram": "1Gi"},
+                    },
+                )
+                created[name] = time.monotonic()
+            ready: dict[str, float] = {}
+            deadline = time.monotonic() + 300
+            while len(ready) < models and time.monotonic() < deadline:
+                listing: Any = custom.list_namespaced_custom_object(
+                    "vram.dev", "v1alpha1", "default", "modeldeployments"
+                )
+                for item in listing["items"]:
+                    name = item["metadata"]["name"]
+                    conditions = (item.get("status") or {}).get("conditions", [])
+                    if name not in ready and any(
+                        c["type"] == "Ready" and c["status"] == "True" for c in conditions
+                    ):
+                        ready[name] = time.monotonic() - created[name]
+                time.sleep(0.2)
+        finally:
+            cluster.stop()
+            api.close()
+    latencies = sorted(ready.values())
+    if len(latencies) < models:
+        return [(f"{models} models applied at once, {nodes} nodes", f"only {len(latencies)} Ready")]
+    p95 = latencies[int(0.95 * (len(latencies) - 1))]
+    return [
+        (
+            f"apply → Ready, {models} models at once on {nodes} simulated nodes (p50 / p95)",
+            f"{statistics.median(latencies):.1f} s / {p95:.1f} s",
+        ),
+        (f"all {models} Ready", f"{latencies[-1]:.1f} s"),
+    ]
+
+
 def main() -> int:
-    rows = [*bench_placement(), *bench_eviction(), *bench_control_plane()]
+    rows = [*bench_placement(), *bench_eviction(), *bench_control_plane(), *bench_convergence()]
     cpu = subprocess.run(
         ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
         capture_output=True,
