@@ -96,6 +96,22 @@ def test_metrics_and_cleanup_after_a_deleted_node(
         "doomed-node"
     ]
 
+    # An edit the schema accepts but the operator refuses leaves the loaded replica serving.
+    args = (GROUP, VERSION, NAMESPACE, "modeldeployments", "pinned")
+    custom.patch_namespaced_custom_object(*args, {"spec": {"vllm": {"args": []}}})
+
+    def invalid() -> dict[str, Any] | None:
+        body: Any = custom.get_namespaced_custom_object(*args)
+        status = body.get("status") or {}
+        ready = [c for c in status.get("conditions", []) if c["type"] == "Ready"]
+        return status if ready and ready[0]["reason"] == "InvalidSpec" else None
+
+    status = eventually(invalid, "pinned InvalidSpec", sim_cluster.logs)
+    assert [(p["node"], p["state"]) for p in status["placements"]] == [("doomed-node", "Loaded")]
+    assert sim_cluster.nodes["doomed-node"].gpus.devices()[0].used_bytes == 2 * GIB
+    custom.patch_namespaced_custom_object(*args, {"spec": {"vllm": None}})
+    eventually(lambda: _ready_on(custom, "pinned"), "pinned Ready again", sim_cluster.logs)
+
     found = _metrics(port)
     assert found["vram_operator_placements_total{outcome=placed}"] >= 1
     assert found["vram_operator_reconciles_total{result=ok}"] >= 1

@@ -234,7 +234,7 @@ def test_zero_replicas_is_ready_scaled_to_zero() -> None:
 
 def test_an_invalid_spec_names_the_field_and_places_nothing() -> None:
     error = SpecError("spec.vram", "'6GB' is not a quantity")
-    status = fold(spec_error=error, generation=7)
+    status = fold(spec_error=error, generation=7, nodes=())
     assert summary(status) == {
         "Scheduled": ("False", "InvalidSpec"),
         "Loaded": ("False", "InvalidSpec"),
@@ -242,6 +242,20 @@ def test_an_invalid_spec_names_the_field_and_places_nothing() -> None:
     }
     assert condition(status, "Ready").message == "spec.vram: '6GB' is not a quantity"
     assert (status.placements, status.observed_generation, status.ready) == ([], 7, None)
+
+
+def test_an_invalid_edit_keeps_showing_the_replicas_of_the_last_valid_spec() -> None:
+    error = SpecError("spec.vllm", "only allowed with backend vllm, not ollama")
+    status = fold(spec_error=error, reports={"a": LOADED_A, "b": None})
+    assert summary(status)["Ready"] == ("False", "InvalidSpec")
+    message = condition(status, "Ready").message
+    assert message.startswith("spec.vllm: only allowed with backend vllm")
+    assert message.endswith("keeping the 2 replica(s) of the last valid spec")
+    assert [(p.node, p.state) for p in status.placements] == [
+        ("a", ModelState.LOADED),
+        ("b", ModelState.PENDING),
+    ]
+    assert status.ready_replicas == 1
 
 
 def test_a_missing_spec_is_invalid_too() -> None:
@@ -452,7 +466,7 @@ def test_a_placement_on_an_unknown_gpu_is_announced_by_node() -> None:
 
 
 def test_an_invalid_spec_is_one_warning() -> None:
-    status = fold(spec_error=SpecError("spec.replicas", "must be at most 64"))
+    status = fold(spec_error=SpecError("spec.replicas", "must be at most 64"), nodes=())
     assert events_between(None, status) == [
         Event("Warning", "InvalidSpec", "spec.replicas: must be at most 64")
     ]

@@ -108,10 +108,24 @@ def fold_status(
         conditions = set_condition(conditions, condition)
 
     if spec is None or spec_error is not None:
-        invalid = _Verdict(False, Reason.INVALID_SPEC, str(spec_error or "spec: is required"))
+        # Nothing new is placed for an invalid spec, but replicas of the last valid one keep
+        # serving (no half-applied change); the status still shows where they are.
+        kept = [
+            _placement(node, assigned_nodes[node], reports.get(node))
+            for node in sorted(assigned_nodes)
+        ]
+        message = str(spec_error or "spec: is required")
+        if kept:
+            message += f"; keeping the {len(kept)} replica(s) of the last valid spec"
+        invalid = _Verdict(False, Reason.INVALID_SPEC, message)
         for kind in (SCHEDULED, LOADED, READY):
             record(kind, invalid)
-        return ModelDeploymentStatus(observed_generation=generation, conditions=conditions)
+        return ModelDeploymentStatus(
+            observed_generation=generation,
+            conditions=conditions,
+            ready_replicas=sum(p.state is ModelState.LOADED for p in kept),
+            placements=kept,
+        )
 
     nodes = sorted(assigned_nodes)
     mine = {node: reports.get(node) for node in nodes}

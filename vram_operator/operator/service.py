@@ -247,12 +247,13 @@ class OperatorService:
         try:
             spec = parse_spec(body.get("spec"))
         except SpecError as error:
+            kept = dict(self._assigned.get(key, {}))
             status = fold_status(
                 spec=None,
                 spec_error=error,
                 generation=generation,
-                assigned_nodes={},
-                reports={},
+                assigned_nodes=kept,
+                reports={node: self._report(node, key) for node in kept},
                 pending_reason=None,
                 pending_message=None,
                 previous=previous,
