@@ -335,23 +335,29 @@ def decode_json(body: bytes, context: str) -> Any:
         raise BackendError(f"answered invalid JSON: {snippet!r}", context=context) from None
 
 
-async def call_json(
-    transport: Transport,
-    retry: RetryPolicy,
-    method: str,
-    url: str,
-    context: str,
-    body: Any = None,
-    time_limit: float = DEFAULT_TIMEOUT,
-) -> Any:
-    """One JSON request under the retry policy; returns the decoded answer."""
+@dataclass(frozen=True)
+class JSONEndpoint:
+    """A JSON HTTP API under one base URL, called with the backend's retry policy."""
 
-    async def attempt() -> Any:
-        response = await transport.request(method, url, json=body, time_limit=time_limit)
-        raise_for_status(response, context)
-        return decode_json(response.body, context)
+    transport: Transport
+    retry: RetryPolicy
+    base_url: str
+    label: str
+    """Names the API in error messages, e.g. `ollama`."""
 
-    return await retry.run(attempt)
+    async def call(
+        self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
+    ) -> Any:
+        """One request with retries; returns the decoded JSON answer."""
+        url = f"{self.base_url}{path}"
+        context = f"{self.label} {method} {path}"
+
+        async def attempt() -> Any:
+            response = await self.transport.request(method, url, json=body, time_limit=time_limit)
+            raise_for_status(response, context)
+            return decode_json(response.body, context)
+
+        return await self.retry.run(attempt)
 
 
 def parse_as(model: type[M], data: Any, context: str) -> M:

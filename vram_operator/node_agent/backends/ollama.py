@@ -33,15 +33,14 @@ from vram_operator.api import Backend, BackendHealth, ModelState
 from vram_operator.node_agent.estimate import Estimate, from_ollama_show
 
 from .base import (
-    DEFAULT_TIMEOUT,
     AiohttpTransport,
     BackendError,
+    JSONEndpoint,
     LoadRequest,
     ProgressCallback,
     ResidentInfo,
     RetryPolicy,
     Transport,
-    call_json,
     decode_json,
     parse_as,
     utcnow,
@@ -147,29 +146,18 @@ class OllamaBackend:
         self.base_url = base_url.rstrip("/")
         self._transport: Transport = transport or AiohttpTransport()
         self._retry = retry or RetryPolicy()
+        self._api = JSONEndpoint(self._transport, self._retry, self.base_url, "ollama")
         self._load_timeout = load_timeout
         self._pull_idle_timeout = pull_idle_timeout
         self._clock = clock
         self._seen: dict[str, tuple[dt.datetime | None, dt.datetime]] = {}
         """Per model: the expires_at last listed, and the access time derived from it."""
 
-    async def _call(
-        self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
-    ) -> Any:
-        """One JSON request with retries; returns the decoded answer."""
-        return await call_json(
-            self._transport,
-            self._retry,
-            method,
-            f"{self.base_url}{path}",
-            f"ollama {method} {path}",
-            body,
-            time_limit,
-        )
-
     async def health(self) -> BackendHealth:
         try:
-            answer = parse_as(_Version, await self._call("GET", "/api/version"), "ollama version")
+            answer = parse_as(
+                _Version, await self._api.call("GET", "/api/version"), "ollama version"
+            )
         except BackendError as err:
             return BackendHealth(
                 name=Backend.OLLAMA, healthy=False, endpoint=self.base_url, message=str(err)
@@ -180,11 +168,11 @@ class OllamaBackend:
 
     async def list_pulled(self) -> list[str]:
         """Models on the node's disk (/api/tags), by canonical name."""
-        tags = parse_as(_Tags, await self._call("GET", "/api/tags"), "ollama /api/tags")
+        tags = parse_as(_Tags, await self._api.call("GET", "/api/tags"), "ollama /api/tags")
         return [normalize(entry.name) for entry in tags.models or []]
 
     async def list_resident(self) -> list[ResidentInfo]:
-        ps = parse_as(_Ps, await self._call("GET", "/api/ps"), "ollama /api/ps")
+        ps = parse_as(_Ps, await self._api.call("GET", "/api/ps"), "ollama /api/ps")
         now = self._clock()
         seen: dict[str, tuple[dt.datetime | None, dt.datetime]] = {}
         resident = []
@@ -254,14 +242,16 @@ class OllamaBackend:
         if options:
             body["options"] = options
         try:
-            answer = await self._call("POST", "/api/generate", body, time_limit=self._load_timeout)
+            answer = await self._api.call(
+                "POST", "/api/generate", body, time_limit=self._load_timeout
+            )
             parse_as(_Done, answer, f"ollama load {request.model}")
         except BackendError as err:
             if err.status != 400 or "does not support" not in err.message:
                 raise
             # An embedding model refuses generate; an empty /api/embed request loads it.
             embed = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
-            await self._call(
+            await self._api.call(
                 "POST", "/api/embed", {**embed, "input": []}, time_limit=self._load_timeout
             )
         name = normalize(request.model)
@@ -274,7 +264,7 @@ class OllamaBackend:
 
     async def unload(self, key: str, model: str) -> None:
         try:
-            await self._call("POST", "/api/generate", {"model": model, "keep_alive": 0})
+            await self._api.call("POST", "/api/generate", {"model": model, "keep_alive": 0})
         except BackendError as err:
             if err.status != 404:  # a model Ollama does not even have is not loaded either
                 raise
@@ -289,7 +279,7 @@ class OllamaBackend:
     async def estimate(self, model: str, context_length: int | None = None) -> Estimate | None:
         """From /api/show; None when the model is not pulled or its metadata gives no size."""
         try:
-            show = await self._call("POST", "/api/show", {"model": model})
+            show = await self._api.call("POST", "/api/show", {"model": model})
         except BackendError as err:
             if err.status == 404:
                 return None

@@ -20,7 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import quote, urlencode
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,15 +31,14 @@ from vram_operator.api import Backend, BackendHealth, ModelState
 from vram_operator.node_agent.estimate import Estimate
 
 from .base import (
-    DEFAULT_TIMEOUT,
     AiohttpTransport,
     BackendError,
+    JSONEndpoint,
     LoadRequest,
     ProgressCallback,
     ResidentInfo,
     RetryPolicy,
     Transport,
-    call_json,
     parse_as,
     raise_for_status,
     utcnow,
@@ -128,6 +127,7 @@ class VLLMBackend:
         self.base_url = supervisor_url.rstrip("/")
         self._transport: Transport = transport or AiohttpTransport()
         self._retry = retry or RetryPolicy()
+        self._api = JSONEndpoint(self._transport, self._retry, self.base_url, "vllm-supervisor")
         self._load_timeout = load_timeout
         self._poll_interval = poll_interval
         self._clock = clock
@@ -137,22 +137,9 @@ class VLLMBackend:
     def _path(self, key: str, suffix: str = "") -> str:
         return f"/models/{quote(key, safe='')}{suffix}"
 
-    async def _call(
-        self, method: str, path: str, body: Any = None, time_limit: float = DEFAULT_TIMEOUT
-    ) -> Any:
-        return await call_json(
-            self._transport,
-            self._retry,
-            method,
-            f"{self.base_url}{path}",
-            f"vllm-supervisor {method} {path}",
-            body,
-            time_limit,
-        )
-
     async def health(self) -> BackendHealth:
         try:
-            answer = parse_as(_Health, await self._call("GET", "/health"), "vllm-supervisor")
+            answer = parse_as(_Health, await self._api.call("GET", "/health"), "vllm-supervisor")
         except BackendError as err:
             return BackendHealth(
                 name=Backend.VLLM, healthy=False, endpoint=self.base_url, message=str(err)
@@ -167,7 +154,9 @@ class VLLMBackend:
         )
 
     async def list_resident(self) -> list[ResidentInfo]:
-        entries = parse_as(_Entries, await self._call("GET", "/models"), "vllm-supervisor /models")
+        entries = parse_as(
+            _Entries, await self._api.call("GET", "/models"), "vllm-supervisor /models"
+        )
         now = self._clock()
         serving = [entry for entry in entries.models if entry.state in ("running", "sleeping")]
         readings = await asyncio.gather(*(self._access(entry, now) for entry in serving))
@@ -228,7 +217,9 @@ class VLLMBackend:
             "args": list(request.args),
             "sleepMode": request.sleep_mode,
         }
-        entry = parse_as(_Entry, await self._call("PUT", self._path(request.key), body), context)
+        entry = parse_as(
+            _Entry, await self._api.call("PUT", self._path(request.key), body), context
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._load_timeout
         while entry.state == "starting":
@@ -237,18 +228,18 @@ class VLLMBackend:
                     f"still starting after {self._load_timeout:g}s", retryable=True, context=context
                 )
             await asyncio.sleep(self._poll_interval)
-            answer = await self._call("GET", self._path(request.key))
+            answer = await self._api.call("GET", self._path(request.key))
             entry = parse_as(_Entry, answer, context)
         if entry.state == "sleeping":
             await self.wake(request.key, request.model)
-            entry = parse_as(_Entry, await self._call("GET", self._path(request.key)), context)
+            entry = parse_as(_Entry, await self._api.call("GET", self._path(request.key)), context)
         if entry.state != "running":
             raise BackendError(entry.message or f"vllm serve is {entry.state}", context=context)
         return self._info(entry, self._clock())
 
     async def unload(self, key: str, model: str) -> None:
         try:
-            await self._call("DELETE", self._path(key), time_limit=60.0)
+            await self._api.call("DELETE", self._path(key), time_limit=60.0)
         except BackendError as err:
             if err.status != 404:
                 raise
@@ -256,10 +247,10 @@ class VLLMBackend:
 
     async def park(self, key: str, model: str) -> None:
         """Sleep level 1: weights to host RAM, KV cache dropped; waking takes about a second."""
-        await self._call("POST", self._path(key, "/sleep?level=1"), time_limit=SLEEP_TIMEOUT)
+        await self._api.call("POST", self._path(key, "/sleep?level=1"), time_limit=SLEEP_TIMEOUT)
 
     async def wake(self, key: str, model: str) -> None:
-        await self._call("POST", self._path(key, "/wake_up"), time_limit=SLEEP_TIMEOUT)
+        await self._api.call("POST", self._path(key, "/wake_up"), time_limit=SLEEP_TIMEOUT)
 
     async def estimate(self, model: str, context_length: int | None = None) -> Estimate | None:
         """From the model's file headers in the vLLM container; None when they are not there."""
@@ -267,7 +258,7 @@ class VLLMBackend:
         if context_length is not None:
             query["contextLength"] = context_length
         try:
-            answer = await self._call("GET", f"/estimate?{urlencode(query)}")
+            answer = await self._api.call("GET", f"/estimate?{urlencode(query)}")
         except BackendError as err:
             if err.status == 404:
                 return None
