@@ -244,25 +244,16 @@ class OperatorService:
             return  # the delete handler withdraws; nothing to place
         generation = int(meta.get("generation") or 0)
         previous = _previous_status(body)
+        spec: ModelDeploymentSpec | None = None
+        error: SpecError | None = None
         try:
             spec = parse_spec(body.get("spec"))
-        except SpecError as error:
-            kept = dict(self._assigned.get(key, {}))
-            status = fold_status(
-                spec=None,
-                spec_error=error,
-                generation=generation,
-                assigned_nodes=kept,
-                reports={node: self._report(node, key) for node in kept},
-                pending_reason=None,
-                pending_message=None,
-                previous=previous,
-                now=self.clock(),
-            )
-            self._pending[(namespace, name)] = Reason.INVALID_SPEC
-            await self._publish(body, previous, status)
-            return
-        reason, message = await self._place(key, body, spec)
+        except SpecError as invalid:
+            error = invalid  # keep what the last valid spec placed; place nothing new
+        reason: str | None = Reason.INVALID_SPEC
+        message: str | None = None
+        if spec is not None:
+            reason, message = await self._place(key, body, spec)
         if reason is None:
             self._pending.pop((namespace, name), None)
             self._preempted.pop(key, None)
@@ -271,11 +262,11 @@ class OperatorService:
         assigned = dict(self._assigned.get(key, {}))
         status = fold_status(
             spec=spec,
-            spec_error=None,
+            spec_error=error,
             generation=generation,
             assigned_nodes=assigned,
             reports={node: self._report(node, key) for node in assigned},
-            pending_reason=reason,
+            pending_reason=None if error else reason,
             pending_message=message,
             previous=previous,
             now=self.clock(),
