@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vram_operator.api import Backend, ModelState
+from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from vram_operator.node_agent.backends import (
     AiohttpTransport,
     BackendError,
@@ -681,7 +682,7 @@ def test_request_activity_sums_vllm_counters() -> None:
         (6 * GIB, 24 * GIB, 0.25),
         (1, 24 * GIB, 0.001),  # rounded up, never 0
         (24 * GIB // 3, 24 * GIB, 0.334),  # 0.3333... rounded up
-        (24 * GIB, 24 * GIB, 0.98),  # capped
+        (int(0.98 * 24 * GIB), 24 * GIB, 0.98),  # the most vLLM is given
     ],
 )
 def test_gpu_memory_utilization(vram: int, total: int, expected: float) -> None:
@@ -691,6 +692,8 @@ def test_gpu_memory_utilization(vram: int, total: int, expected: float) -> None:
 def test_a_budget_above_the_gpu_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         gpu_memory_utilization(25 * GIB, 24 * GIB)
+    with pytest.raises(ValueError, match=r"at most 98\.0%"):
+        gpu_memory_utilization(24 * GIB, 24 * GIB)
     request = StartRequest(model="a/b", gpu_total_bytes=GIB, vram_bytes=2 * GIB)
     with pytest.raises(SupervisorError, match="does not fit") as caught:
         ChildSpec.from_request(request)
@@ -734,7 +737,7 @@ def test_child_command_line_and_environment() -> None:
     env = manager.environment(spec)
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-7"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
-    assert spec.vram_bytes == 8 * GIB
+    assert spec.vram_bytes == 8 * GIB + VLLM_INSTANCE_OVERHEAD_BYTES
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from vram_operator.simulation import fake_vllm
 from vram_operator.simulation.fake_ollama import (
     DEFAULT_CATALOG,
@@ -483,12 +484,14 @@ def fake_vllm_server(gpus: SimulatedGPUs, sleep_mode: bool = True) -> FakeVLLM:
 
 async def test_vllm_sleep_and_wake_move_vram(gpus: SimulatedGPUs) -> None:
     fake = fake_vllm_server(gpus)
-    full = 12 * GIB
+    budget = 12 * GIB  # utilization 0.5 of 24 GiB, and the context outside it
+    full = budget + VLLM_INSTANCE_OVERHEAD_BYTES
     async with serving(fake.app()) as client:
         assert gpus.device(1).used_bytes == full
         assert (await client.post("/sleep", params={"level": "1"})).status == 200
         assert await (await client.get("/is_sleeping")).json() == {"is_sleeping": True}
-        assert gpus.device(1).used_bytes == math.ceil(full * SLEEP_RESIDUAL)
+        residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
+        assert gpus.device(1).used_bytes == residual
         asleep = await client.post("/v1/completions", json={"prompt": "hi"})
         assert asleep.status == 503
 

@@ -73,6 +73,8 @@ class ModelState(StrEnum):
     LOADING = "Loading"
     LOADED = "Loaded"
     SLEEPING = "Sleeping"
+    UNLOADING = "Unloading"
+    """The agent has decided to unload it; its memory is not free yet."""
     EVICTED = "Evicted"
     FAILED = "Failed"
 

@@ -182,7 +182,7 @@ class ResidentModel(CamelModel):
     """Its priority, as assigned."""
 
     state: ModelState
-    """Loading, Loaded, Sleeping, Evicted or Failed."""
+    """Loading, Loaded, Sleeping, Unloading, Evicted or Failed."""
 
     vram_bytes: NonNegative | None = None
     """GPU memory it holds."""

@@ -197,7 +197,7 @@ class Placement(CamelModel):
     """The GPU's UUID as NVML reports it."""
 
     state: ModelState
-    """Pending, Loading, Loaded, Sleeping, Evicted or Failed."""
+    """Pending, Loading, Loaded, Sleeping, Unloading, Evicted or Failed."""
 
     vram_bytes: Annotated[int, Field(ge=0)] | None = None
     """GPU memory this replica holds, measured by the agent once loaded."""

@@ -50,7 +50,6 @@ import ctypes
 import datetime as dt
 import json
 import logging
-import math
 import os
 import shlex
 import signal
@@ -69,6 +68,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from vram_operator import __version__
+from vram_operator.api import Backend
+from vram_operator.api.budget import footprint_bytes, vllm_utilization_milli
 from vram_operator.api.modeldeployment import SUPERVISOR_OWNED_VLLM_FLAGS
 from vram_operator.node_agent.estimate import estimate_path
 
@@ -79,8 +80,6 @@ DEFAULT_PORT_RANGE = "8100-8199"
 DEFAULT_STARTUP_TIMEOUT = 600.0
 STOP_TIMEOUT = 15.0
 """Seconds a child has to exit after SIGTERM before it gets SIGKILL."""
-MAX_UTILIZATION_MILLI = 980
-"""--gpu-memory-utilization is capped at 0.98: vLLM needs some slack for the CUDA context."""
 TAIL_LINES = 20
 """Output lines kept per child, reported as the message when it fails."""
 _LINE_LIMIT = 500
@@ -108,19 +107,11 @@ class SupervisorError(Exception):
 
 
 def gpu_memory_utilization(vram_bytes: int, gpu_total_bytes: int) -> float:
-    """vLLM's --gpu-memory-utilization for a budget: rounded up to 3 decimals, capped at 0.98.
+    """vLLM's --gpu-memory-utilization for a budget, by the rule in `vram_operator.api.budget`.
 
-    Raises ValueError for a budget larger than the GPU.
+    Raises ValueError for a budget larger than vLLM may be given on this GPU.
     """
-    if vram_bytes <= 0 or gpu_total_bytes <= 0:
-        raise ValueError("vramBytes and gpuTotalBytes must be positive")
-    milli = -(-vram_bytes * 1000 // gpu_total_bytes)  # ceiling, in integers
-    if milli > 1000:
-        raise ValueError(
-            f"vramBytes {vram_bytes} is more than the GPU's total {gpu_total_bytes}; "
-            "the model does not fit on this GPU"
-        )
-    return min(milli, MAX_UTILIZATION_MILLI) / 1000
+    return vllm_utilization_milli(vram_bytes, gpu_total_bytes) / 1000
 
 
 class StartRequest(BaseModel):
@@ -161,7 +152,7 @@ class ChildSpec:
             model=request.model,
             gpu_uuid=request.gpu_uuid,
             utilization=utilization,
-            vram_bytes=math.ceil(utilization * request.gpu_total_bytes),
+            vram_bytes=footprint_bytes(Backend.VLLM, request.vram_bytes, request.gpu_total_bytes),
             args=tuple(request.args),
             sleep_mode=request.sleep_mode,
         )

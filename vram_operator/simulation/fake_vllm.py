@@ -47,6 +47,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
+
 from .fake_ollama import bind, serve, stop_on_signals
 from .gpu import SimulatedGPUs, SimulatedOutOfMemory, UnknownGPU
 
@@ -54,7 +56,7 @@ VERSION = "0.10.1"
 """The vLLM version it reports."""
 
 SLEEP_RESIDUAL = 0.05
-"""Share of its memory a sleeping server keeps (CUDA context, allocator pools)."""
+"""Share of its budget a sleeping server keeps besides its context (allocator pools)."""
 
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_MAX_TOKENS = 16
@@ -100,7 +102,11 @@ class FakeVLLM:
         self.max_model_len = max_model_len
         self.sleep_mode = sleep_mode
         self.request_seconds = request_seconds
-        self.allocation_bytes = int(gpu_memory_utilization * self.device.total_bytes)
+        # The budget vLLM profiles within, plus the CUDA context and CUDA-graph pool that sit
+        # outside it (vLLM 0.11.0 v1/worker/gpu_worker.py); the accounting rule in
+        # vram_operator.api.budget charges the same.
+        self.budget_bytes = int(gpu_memory_utilization * self.device.total_bytes)
+        self.allocation_bytes = self.budget_bytes + VLLM_INSTANCE_OVERHEAD_BYTES
         self.sleeping = False
         self._in_flight = 0
         self._created = int(time.time())
@@ -304,7 +310,8 @@ class FakeVLLM:
         if level not in ("1", "2"):
             return _openai_error(f"sleep level must be 1 or 2, got {level}", "BadRequestError", 400)
         if not self.sleeping:
-            residual = math.ceil(self.allocation_bytes * SLEEP_RESIDUAL)
+            # Level 1 offloads the weights and drops the KV cache; the context stays.
+            residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(self.budget_bytes * SLEEP_RESIDUAL)
             self.gpus.set_allocation(self.device.uuid, self.owner, residual)
             self.sleeping = True
         return web.Response()
