@@ -492,6 +492,7 @@ OPERATOR_MAY = [
     ("watch", "gpunodes.vram.dev", []),
     ("patch", "gpunodes.vram.dev", []),
     ("delete", "gpunodes.vram.dev", []),
+    ("patch", "gpunodes.vram.dev", ["--subresource=status"]),  # Ready=Unknown when lost
     ("watch", "nodes", []),
     ("create", "events", ["-n", "team-a"]),
     ("create", "events.events.k8s.io", ["-n", "team-a"]),

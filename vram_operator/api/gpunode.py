@@ -205,6 +205,10 @@ class ResidentModel(CamelModel):
     message: str | None = None
     """The backend's message for a failure, or why it was evicted."""
 
+    reason: str | None = None
+    """Why it is Failed, Evicted or Unloading, in one CamelCase word (InsufficientVRAM,
+    PermanentError, VRAMPressure, KeepAliveExpired, Unassigned, ...), for the operator."""
+
 
 class GPUNodeStatus(CamelModel):
     """Written only by the node's agent."""

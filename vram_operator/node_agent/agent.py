@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -31,13 +32,13 @@ from vram_operator.api import (
     format_bytes,
     set_condition,
 )
+from vram_operator.api.budget import footprint_bytes
 
 from .backends import BackendError, LoadRequest, ModelBackend
 from .eviction import (
     EvictionConfig,
     Resident,
     plan_host_pressure,
-    plan_room,
     plan_vram_pressure,
     under_host_pressure,
 )
@@ -48,6 +49,12 @@ from .storage import GPUNodeStore, StoreError
 from .system import drop_page_cache, remove_orphaned_shm
 
 log = logging.getLogger(__name__)
+
+UNLOAD_WAIT_SECONDS = 60.0
+"""How long a load waits for the models withdrawn from its GPU to finish unloading."""
+
+_OUT_OF_MEMORY = re.compile(r"out of memory|\bOOM\b|requires more (system|GPU) memory", re.I)
+"""How CUDA, vLLM and Ollama word a load that found too little memory."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,8 @@ class NodeAgent:
         now = self._clock()
         for entry in self.registry.snapshot():
             if entry.key not in self._desired and entry.key not in self._tasks:
+                # Unloading from this moment: the report must never show it Loaded again.
+                self.registry.update(entry.key, state=ModelState.UNLOADING, reason="Unassigned")
                 self._start(entry.key, self._unload(entry, reason="unassigned"))
         for key, assignment in self._desired.items():
             if key in self._tasks:
@@ -222,7 +231,10 @@ class NodeAgent:
                     self.registry.update(key, priority=assignment.priority)
                 if entry.state in (ModelState.LOADED, ModelState.LOADING):
                     continue
-                if entry.state is ModelState.FAILED and now < self._retry(key).not_before:
+                if entry.state is ModelState.FAILED and (
+                    (entry.permanent and entry.generation == assignment.generation)
+                    or now < self._retry(key).not_before
+                ):
                     continue
                 if entry.idle_expired and entry.generation == assignment.generation:
                     continue
@@ -340,12 +352,14 @@ class NodeAgent:
         started = time.monotonic()
         try:
             await backend.pull(assignment.model, lambda pct: self._progress(key, pct))
-            needed, source = await self._needed_bytes(assignment, backend)
-            self.registry.update(key, vram_bytes=needed, vram_source=source)
-            gpu = self._choose_gpu(assignment, needed)
+            figure, source = await self._needed_bytes(assignment, backend)
+            gpu = self._choose_gpu(assignment, figure)
             if gpu is None:
                 self._fail(key, "NoGPU", "this node reports no GPU to load onto")
                 return
+            # What it will hold there, by the rule the operator reserved it by.
+            needed = footprint_bytes(assignment.backend, figure, gpu.total_bytes)
+            self.registry.update(key, vram_bytes=needed, vram_source=source)
             async with self._gpu_locks.setdefault(gpu.uuid, asyncio.Lock()):
                 if not await self._make_room(key, assignment, gpu, needed, returning):
                     return
@@ -357,7 +371,7 @@ class NodeAgent:
                         gpu_uuid=gpu.uuid,
                         gpu_index=gpu.index,
                         gpu_total_bytes=gpu.total_bytes,
-                        vram_bytes=needed,
+                        vram_bytes=figure,
                         keep_alive_seconds=assignment.keep_alive_seconds,
                         options=assignment.ollama.options if assignment.ollama else {},
                         args=list(assignment.vllm.args) if assignment.vllm else [],
@@ -365,7 +379,7 @@ class NodeAgent:
                     )
                 )
         except BackendError as exc:
-            self._fail(key, "BackendError", exc.message)
+            self._fail_from(key, exc)
             return
         elapsed = time.monotonic() - started
         measured = info.vram_bytes
@@ -380,6 +394,7 @@ class NodeAgent:
             last_access=info.last_access or self._now(),
             load_seconds=round(elapsed, 3),
             message=None,
+            reason=None,
         )
         self._retries.pop(key, None)
         self.metrics.loads.labels(assignment.backend.value, "loaded").inc()
@@ -412,37 +427,43 @@ class NodeAgent:
         needed: int,
         returning: Entry | None = None,
     ) -> bool:
-        """Evict the fewest colder models so `needed` fits; False (and Failed) when it cannot.
+        """Wait for the models withdrawn from this GPU to finish unloading; False (and Failed,
+        InsufficientVRAM, for the operator to place it afresh) when `needed` still does not fit.
 
-        A `returning` (previously evicted) model evicts nothing: when it does not fit in free
-        memory it goes back to its Evicted entry and waits for room.
+        Which assigned model gives way to which is the operator's decision (it withdraws the
+        ones it displaces): the agent never evicts an assigned model to load another. A
+        `returning` (previously evicted) model goes back to its Evicted entry instead.
         """
+        unloading = [
+            task
+            for other, task in self._tasks.items()
+            if other != key
+            and other not in self._desired
+            and (entry := self.registry.get(other)) is not None
+            and entry.gpu_uuid == gpu.uuid
+        ]
+        if unloading:
+            await asyncio.wait(unloading, timeout=UNLOAD_WAIT_SECONDS)
         fresh = {g.uuid: g for g in self._read_gpus().gpus}.get(gpu.uuid, gpu)
         free = fresh.free_bytes - self.config.min_free_bytes
-        on_gpu = [
-            self._resident(e)
-            for e in self.registry.snapshot()
-            if e.key != key and e.gpu_uuid == gpu.uuid
-        ]
-        plan = plan_room(
-            on_gpu,
-            needed_bytes=needed,
-            free_bytes=free,
-            now=self._clock(),
-            config=self.config.eviction,
-            incoming_priority=assignment.priority,
-            host_under_pressure=self._host_under_pressure(),
-            host_available_bytes=self._host_available(),
-        )
-        if returning is not None and plan.actions:
+        if free >= needed:
+            return True
+        if returning is not None:
             self.registry.put(returning)
             return False
-        if not plan.feasible:
-            self._fail(key, "InsufficientVRAM", plan.message)
-            return False
-        for action in plan.actions:
-            await self._demote(action.key, action.kind, "MakeRoom", f"room for {key}")
-        return True
+        holders = [
+            f"{e.key} {format_bytes(e.vram_bytes or 0)} {e.state.lower()}"
+            for e in self.registry.snapshot()
+            if e.key != key and e.gpu_uuid == gpu.uuid and e.state is not ModelState.EVICTED
+        ]
+        held = f"; held by {', '.join(holders)}" if holders else ""
+        self._fail(
+            key,
+            "InsufficientVRAM",
+            f"{format_bytes(needed)} needed, {format_bytes(max(free, 0))} free on {gpu.uuid}"
+            f" after keeping {format_bytes(self.config.min_free_bytes)} free{held}",
+        )
+        return False
 
     async def _demote(self, key: str, kind: str, reason: str, detail: str) -> None:
         """Park or unload one model; `reason` labels the metric, `detail` goes to the status."""
@@ -453,14 +474,24 @@ class NodeAgent:
         try:
             if kind == "park":
                 await backend.park(key, entry.model)
-                self.registry.update(key, state=ModelState.SLEEPING, message=f"parked: {detail}")
+                self.registry.update(
+                    key, state=ModelState.SLEEPING, message=f"parked: {detail}", reason=reason
+                )
             else:
+                self.registry.update(key, state=ModelState.UNLOADING, reason=reason)
+                self._report_soon.set()
                 await backend.unload(key, entry.model)
                 self.registry.update(
-                    key, state=ModelState.EVICTED, progress=None, message=f"evicted: {detail}"
+                    key,
+                    state=ModelState.EVICTED,
+                    progress=None,
+                    message=f"evicted: {detail}",
+                    reason=reason,
                 )
         except BackendError as exc:
             log.warning("could not %s %s: %s", kind, key, exc.message)
+            if kind != "park":
+                self.registry.update(key, state=entry.state, reason=entry.reason)
             return
         self.metrics.evictions.labels(reason, kind).inc()
         log.info("%s %s (%s)", "parked" if kind == "park" else "evicted", key, detail)
@@ -494,14 +525,41 @@ class NodeAgent:
             self.registry.update(key, progress=percent)
             self._report_soon.set()
 
-    def _fail(self, key: str, reason: str, message: str) -> None:
-        delay = self._backoff(key)
-        self.registry.update(
-            key, state=ModelState.FAILED, message=f"{reason}: {message}", progress=None
-        )
+    def _fail_from(self, key: str, exc: BackendError) -> None:
+        """Failed, as the backend's error says: out of memory (the operator places it afresh),
+        passing (retried with back-off) or permanent (retried when the assignment changes)."""
+        if _OUT_OF_MEMORY.search(exc.message):
+            self._fail(key, "OutOfMemory", exc.message)
+        elif exc.retryable:
+            self._fail(key, "BackendError", exc.message)
+        else:
+            self._fail(key, "PermanentError", exc.message, permanent=True)
+
+    def _fail(self, key: str, reason: str, message: str, permanent: bool = False) -> None:
         self.metrics.failures.labels(reason).inc()
         self.metrics.loads.labels(self._backend_of(key), "failed").inc()
-        log.warning("load of %s failed (%s): %s; retry in %.0fs", key, reason, message, delay)
+        if permanent:
+            text = f"{reason}: {message} (permanent: not retried until the assignment changes)"
+            self.registry.update(
+                key,
+                state=ModelState.FAILED,
+                message=text,
+                progress=None,
+                reason=reason,
+                permanent=True,
+            )
+            log.warning("load of %s failed for good: %s", key, message)
+        else:
+            delay = self._backoff(key)
+            self.registry.update(
+                key,
+                state=ModelState.FAILED,
+                message=f"{reason}: {message}",
+                progress=None,
+                reason=reason,
+                permanent=False,
+            )
+            log.warning("load of %s failed (%s): %s; retry in %.0fs", key, reason, message, delay)
         self._poke()
 
     def _backend_of(self, key: str) -> str:
@@ -595,6 +653,7 @@ class NodeAgent:
                     self.registry.update(
                         entry.key,
                         state=ModelState.EVICTED,
+                        reason="NotResident" if idle is None else "KeepAliveExpired",
                         idle_expired=idle is not None,
                         message=(
                             "no longer resident in the backend"

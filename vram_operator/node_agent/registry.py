@@ -12,7 +12,7 @@ import threading
 
 from vram_operator.api import Backend, ModelState, Priority, ResidentModel
 
-ON_GPU = (ModelState.LOADING, ModelState.LOADED)
+ON_GPU = (ModelState.LOADING, ModelState.LOADED, ModelState.UNLOADING)
 
 
 @dataclasses.dataclass
@@ -36,6 +36,10 @@ class Entry:
     generation: int | None = None
     idle_expired: bool = False
     """Unloaded after keepAlive of idleness: it stays out until its assignment changes."""
+    reason: str | None = None
+    """Why it is Failed, Evicted or Unloading, in one word, for the operator."""
+    permanent: bool = False
+    """Failed in a way trying again cannot fix: retried only when its assignment changes."""
 
     def to_status(self) -> ResidentModel:
         return ResidentModel(
@@ -52,6 +56,7 @@ class Entry:
             last_access=self.last_access,
             load_seconds=self.load_seconds,
             message=self.message,
+            reason=self.reason,
         )
 
 

@@ -50,6 +50,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     SCALED_TO_ZERO = "ScaledToZero"
     READY = "Ready"
+    DELETING = "Deleting"
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,51 @@ def fold_status(
         vram=None if vram_bytes is None else format_bytes(vram_bytes),
         vram_bytes=vram_bytes,
         vram_source=vram_source,
+        placements=placements,
+    )
+
+
+def fold_deleting(
+    *,
+    generation: int,
+    holding: Mapping[str, ResidentModel],
+    previous: ModelDeploymentStatus | None,
+    now: dt.datetime,
+) -> ModelDeploymentStatus:
+    """The status of a ModelDeployment being deleted: every assignment is withdrawn, so no
+    replica is ready, and `holding` (node to what its agent reports) shows what is still
+    being unloaded."""
+    conditions = list(previous.conditions) if previous is not None else []
+    where = ", ".join(sorted(holding))
+    message = f"deleting: waiting for {where} to unload" if holding else "deleting"
+    for kind in (SCHEDULED, LOADED, READY):
+        condition = Condition(
+            type=kind,
+            status="False",
+            reason=Reason.DELETING,
+            message=message,
+            last_transition_time=now,
+            observed_generation=generation,
+        )
+        conditions = set_condition(conditions, condition)
+    placements = [
+        Placement(
+            node=node,
+            gpu_uuid=report.gpu_uuid,
+            state=report.state,
+            vram_bytes=report.vram_bytes,
+        )
+        for node, report in sorted(holding.items())
+    ]
+    wanted = previous.ready.split("/", 1)[-1] if previous is not None and previous.ready else None
+    return ModelDeploymentStatus(
+        observed_generation=generation,
+        conditions=conditions,
+        ready_replicas=0,
+        ready=None if wanted is None else f"0/{wanted}",
+        vram=previous.vram if previous is not None else None,
+        vram_bytes=previous.vram_bytes if previous is not None else None,
+        vram_source=previous.vram_source if previous is not None else None,
         placements=placements,
     )
 

@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu-reserve",
         default="256Mi",
-        help="VRAM per GPU never promised to a model; match the agents' --min-free",
+        help="the agents' --min-free: never promised to a model, with a little slack on top",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=OperatorConfig.workers,
+        help="ModelDeployments reconciled at once (never one object twice at once)",
     )
     parser.add_argument("--metrics-port", type=int, default=9300, help="0 disables /metrics")
     parser.add_argument("--metrics-host", default="0.0.0.0")
@@ -86,6 +92,7 @@ async def _run(args: argparse.Namespace) -> int:
             ),
             default_vram_bytes=parse_bytes(args.default_vram),
             gpu_reserve_bytes=parse_bytes(args.gpu_reserve),
+            workers=max(1, args.workers),
         )
         service = OperatorService(ClusterStore(client), config, metrics)
         await service.start()
@@ -101,14 +108,15 @@ async def _run(args: argparse.Namespace) -> int:
                 memo=kopf.Memo(service=service),
             )
         )
-        worker = asyncio.create_task(service.run(stopping))
-        tasks = [handlers, worker, asyncio.create_task(elector.keep(stopping))]
+        workers = [asyncio.create_task(service.work(stopping)) for _ in range(config.workers)]
+        workers.append(asyncio.create_task(service.watch_heartbeats(stopping)))
+        tasks = [handlers, *workers, asyncio.create_task(elector.keep(stopping))]
         lost = asyncio.create_task(elector.lost.wait())
         halted = asyncio.create_task(stop.wait())
         await asyncio.wait([lost, halted, *tasks], return_when=asyncio.FIRST_COMPLETED)
         stopping.set()
         # Stopping, or no longer the leader: write nothing more (state lives in the API server).
-        for task in (handlers, worker, lost, halted):
+        for task in (handlers, *workers, lost, halted):
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:

@@ -7,10 +7,14 @@ other before their assignments have reached the API server and come back through
 
 How much a GPU can still take (see `NodeView.budgets`)::
 
-    charge(a)   = max(a.vramBytes, VRAM measured for a on this GPU)   for each assignment a
+    charge(a)   = max(footprint(a), VRAM measured for a on this GPU)   for each assignment a
     unexplained = max(0, usedBytes - sum(VRAM measured for the assignments on this GPU))
-    room        = totalBytes - unexplained
+    room        = totalBytes - unexplained - reserve
     free        = room - sum(charge(a))
+
+`footprint` is the accounting rule of `vram_operator.api.budget`, the same the agent loads by
+(vLLM's rounded-up utilization and per-instance overhead included); `reserve` is the agents'
+minimum free memory plus slack, so the agent never refuses what was placed.
 
 `unexplained` covers processes the agent does not manage, models it adopted, and models still
 unloading after their assignment was withdrawn. An assignment that has not loaded yet is charged in
@@ -31,6 +35,7 @@ from typing import Any, Literal, NamedTuple
 from vram_operator.api import (
     GPU,
     Assignment,
+    Backend,
     GPUNode,
     ModelDeploymentSpec,
     ModelState,
@@ -38,6 +43,7 @@ from vram_operator.api import (
     ResidentModel,
     format_bytes,
 )
+from vram_operator.api.budget import footprint_bytes
 from vram_operator.api.modeldeployment import Toleration
 
 
@@ -128,6 +134,8 @@ class NodeView:
     """GPUNode.status.models: what the agent reports present."""
     exists: bool = True
     """Whether the Node object exists; a GPUNode can outlive its Node."""
+    reserve_bytes: int = 0
+    """VRAM per GPU never promised (`vram_operator.api.budget.reserve_bytes`)."""
 
     @classmethod
     def from_objects(
@@ -162,7 +170,8 @@ class NodeView:
         """
         parents = {g.parent_uuid for g in self.gpus if g.parent_uuid}
         units = [g for g in self.gpus if g.uuid not in parents]
-        uuids = {g.uuid for g in units}
+        by_uuid = {g.uuid: g for g in units}
+        uuids = set(by_uuid)
         measured: Counter[tuple[str, str]] = Counter()
         reported_gpu: dict[str, str] = {}
         for model in self.resident:
@@ -174,15 +183,17 @@ class NodeView:
             gpu = assignment.gpu_uuid or reported_gpu.get(key)
             targets = sorted(uuids) if gpu is None else [gpu] if gpu in uuids else []
             for uuid in targets:
-                charge = max(assignment.vram_bytes or 0, measured[(uuid, key)])
+                figure = assignment.vram_bytes or 0
+                total = by_uuid[uuid].total_bytes
+                planned = footprint_bytes(assignment.backend, figure, total) if figure else 0
+                charge = max(planned, measured[(uuid, key)])
                 holds[uuid][key] = Hold(charge, assignment.priority)
         budgets = []
         for gpu_ in sorted(units, key=lambda g: g.index):
             explained = sum(measured[(gpu_.uuid, key)] for key in holds[gpu_.uuid])
             unexplained = max(0, gpu_.used_bytes - explained)
-            budgets.append(
-                GPUBudget(self.name, gpu_, gpu_.total_bytes - unexplained, holds[gpu_.uuid])
-            )
+            room = gpu_.total_bytes - unexplained - self.reserve_bytes
+            budgets.append(GPUBudget(self.name, gpu_, room, holds[gpu_.uuid]))
         return tuple(budgets)
 
     def state_of(self, key: str) -> ModelState | None:
@@ -197,13 +208,21 @@ class PlacementRequest:
     key: str
     """namespace.name, the assignment key."""
     vram_bytes: int
-    """VRAM one replica needs (requested or estimated)."""
+    """VRAM one replica needs (requested or estimated); what it holds on a given GPU is
+    `footprint` of this."""
+    backend: Backend = Backend.OLLAMA
     priority: Priority = Priority.NORMAL
     replicas: int = 1
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     existing: frozenset[str] = frozenset()
     """Nodes whose GPUNode already holds an assignment for it."""
+    avoid: Mapping[str, str] = field(default_factory=dict)
+    """Nodes not to place a new replica on, with why: it just failed to load there."""
+
+    def footprint(self, gpu: GPU) -> int:
+        """What one replica holds on `gpu`, by the accounting rule the agent loads by."""
+        return footprint_bytes(self.backend, self.vram_bytes, gpu.total_bytes)
 
     def __post_init__(self) -> None:
         if self.vram_bytes <= 0:
@@ -219,11 +238,14 @@ class PlacementRequest:
         *,
         vram_bytes: int,
         existing: Iterable[str] = (),
+        avoid: Mapping[str, str] | None = None,
     ) -> PlacementRequest:
         """From a validated spec; `vram_bytes` is spec.vram or the estimate when it is absent."""
         return cls(
             key=key,
             vram_bytes=vram_bytes,
+            backend=spec.backend,
+            avoid=dict(avoid or {}),
             priority=spec.priority,
             replicas=spec.replicas,
             node_selector=dict(spec.node_selector),
@@ -422,6 +444,8 @@ def _pick(
     may_preempt = config.allow_preemption and request.priority.rank >= Priority.HIGH.rank
     for view in nodes:
         problem = "already held a replica" if view.name in taken else None
+        if problem is None and view.name in request.avoid:
+            problem = f"could not load it a moment ago ({request.avoid[view.name]})"
         problem = problem or _node_problem(view, request, config, now)
         if problem is not None:
             tally.nodes[problem] += 1
@@ -432,8 +456,9 @@ def _pick(
                 tally.hot_gpus += 1
                 continue
             free = budget.free(excluding=request.key)
-            if free >= request.vram_bytes:
-                fits.append(_Option(budget, free - request.vram_bytes, ()))
+            need = request.footprint(budget.gpu)
+            if free >= need:
+                fits.append(_Option(budget, free - need, ()))
                 continue
             tally.small_gpus += 1
             tally.largest_free = max(tally.largest_free, free)
@@ -442,7 +467,7 @@ def _pick(
             candidates = _displaceable(budget, request)
             reclaimable = free + sum(hold.vram_bytes for _, hold in candidates)
             tally.largest_reclaimable = max(tally.largest_reclaimable, reclaimable)
-            found = _victims(free, candidates, request.vram_bytes)
+            found = _victims(free, candidates, need)
             if found is not None:
                 displacing.append(_Option(budget, found[1], found[0]))
     if fits:
@@ -607,6 +632,8 @@ class Reservations:
         now: dt.datetime,
     ) -> PlacementDecision:
         """`place` against the ledger, and record its outcome, as one atomic step."""
+        nodes = list(nodes)
+        gpus = {g.uuid: g for view in nodes for g in view.gpus}
         with self._lock:
             decision = place(request, nodes, config, now, reserved=self._ledger)
             for victim in decision.preempted:
@@ -614,7 +641,7 @@ class Reservations:
             for node in decision.remove:
                 self._release(request.key, node)
             for choice in decision.chosen:
-                hold = Hold(request.vram_bytes, request.priority)
+                hold = Hold(request.footprint(gpus[choice.gpu_uuid]), request.priority)
                 self._hold(choice.node, choice.gpu_uuid, request.key, hold)
             return decision
 

@@ -1,10 +1,16 @@
 """The operator's logic between the kopf handlers and the API: what to place, withdraw and report.
 
-Handlers only mark ModelDeployments dirty; one worker drains the dirty set, so every reconcile
-is level-based (it reads the object afresh) and a burst of events costs one pass per object.
-Placement runs under one lock against an in-memory picture of every assignment (rebuilt from
-the GPUNode specs at start and updated on each write), so concurrent reconciles never promise
-the same VRAM twice.
+Handlers only mark ModelDeployments; a bounded pool of workers drains the work queue (one
+object is never reconciled by two workers at once), so every reconcile is level-based (it reads
+the object afresh) and a burst of events costs one pass per object. Placement decides under one
+lock against an in-memory picture of every assignment (rebuilt from the GPUNode specs at start
+and updated at each decision), so concurrent reconciles never promise the same VRAM twice; the
+writes happen after the lock, coalesced per GPUNode.
+
+Status follows residency at once: a reconcile that withdraws or displaces replicas of other
+models queues those models ahead of all other work, a GPUNode report re-queues only the models
+whose reported state changed, and a node whose heartbeat is older than the grace period is
+marked Ready=Unknown (HeartbeatLost) and loses all its assignments in one write.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import datetime as dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +30,7 @@ from pydantic import ValidationError
 
 from vram_operator.api import (
     Assignment,
+    Condition,
     GPUNode,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
@@ -34,9 +41,12 @@ from vram_operator.api import (
     now,
     parse_bytes,
     parse_spec,
+    set_condition,
 )
+from vram_operator.api.budget import reserve_bytes
 
-from .folding import Reason, events_between, fold_status
+from .assignment_writer import AssignmentWriter
+from .folding import Reason, events_between, fold_deleting, fold_status
 from .metrics import OperatorMetrics
 from .placement import (
     NodeView,
@@ -46,12 +56,21 @@ from .placement import (
     Reservations,
 )
 from .storage import ClusterStore
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 
-_HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING)
+_HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING, ModelState.UNLOADING)
+
+_MOVABLE_FAILURES = frozenset({"InsufficientVRAM", "OutOfMemory"})
+"""Agent failure reasons that say this GPU lacked the memory at load time, not the model."""
+
+_STAYING_EVICTIONS = frozenset({"KeepAliveExpired"})
+"""Evictions that are the model's own choice (idle past keepAlive): nothing to re-place."""
+
+HEARTBEAT_LOST = "HeartbeatLost"
 
 
 @dataclass(frozen=True)
@@ -62,9 +81,13 @@ class OperatorConfig:
     default_vram_bytes: int = parse_bytes("4Gi")
     """Budget for a model with no spec.vram until an agent has measured or estimated it."""
     gpu_reserve_bytes: int = parse_bytes("256Mi")
-    """VRAM per GPU the agents keep free (their --min-free); never promised to a model, or the
-    agent would refuse the last model placed on a full GPU."""
-    stale_check_seconds: float = 2.0
+    """The agents' --min-free; the operator never promises that, plus slack, on any GPU
+    (`vram_operator.api.budget.reserve_bytes`)."""
+    stale_check_seconds: float = 1.0
+    workers: int = 8
+    """Reconciles running at once (different objects; one object is never run twice at once)."""
+    avoid_seconds: float = 30.0
+    """How long a node that could not load a replica is not offered that model again."""
 
 
 @dataclass
@@ -88,15 +111,16 @@ class OperatorService:
         self.metrics = metrics
         self.clock = clock
         self.reservations = Reservations()
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.writer = AssignmentWriter(store.set_assignments)
         self._gpunodes: dict[str, GPUNode] = {}
         self._nodes: dict[str, _NodeObject] = {}
         self._assigned: dict[str, dict[str, Assignment]] = defaultdict(dict)
         self._names: dict[str, Key] = {}
         self._pending: dict[Key, str] = {}
         self._preempted: dict[str, str] = {}
+        self._avoid: dict[str, dict[str, tuple[float, str]]] = defaultdict(dict)
         self._stale: set[str] = set()
-        self._dirty: set[Key] = set()
-        self._wake = asyncio.Event()
         self._place_lock = asyncio.Lock()
 
     # ---- start and inputs ------------------------------------------------------------------
@@ -122,34 +146,52 @@ class OperatorService:
             sum(len(v) for v in self._assigned.values()),
         )
 
-    def mark(self, namespace: str, name: str) -> None:
-        """Queue a ModelDeployment for a reconcile."""
+    def mark(self, namespace: str, name: str, urgent: bool = False) -> None:
+        """Queue a ModelDeployment for a reconcile; urgent ones go before all others."""
         self._names[assignment_key(namespace, name)] = (namespace, name)
-        self._dirty.add((namespace, name))
-        self._wake.set()
+        self.queue.add((namespace, name), urgent)
+
+    def _mark_key(self, key: str, urgent: bool = False) -> None:
+        if key in self._names:
+            self.mark(*self._names[key], urgent=urgent)
 
     def observe_gpunode(self, raw: dict[str, Any] | None, name: str) -> None:
-        """A GPUNode changed: fold its reports into the models it holds; capacity may be free."""
+        """A GPUNode changed: re-queue the models whose report or assignment changed there, and
+        the pending ones when it has more room than before. A heartbeat alone queues nothing."""
         old = self._gpunodes.get(name)
+        new: GPUNode | None = None
         if raw is None:
             self._gpunodes.pop(name, None)
         else:
             try:
-                self._gpunodes[name] = GPUNode.model_validate(raw)
+                new = GPUNode.model_validate(raw)
             except ValidationError as exc:
                 log.warning("ignoring GPUNode %s with an unreadable status: %s", name, exc)
                 return
-        keys: set[str] = set()
-        for gpunode in (old, self._gpunodes.get(name)):
-            if gpunode is not None:
-                keys.update(gpunode.spec.assignments)
-                if gpunode.status is not None:
-                    keys.update(m.key for m in gpunode.status.models)
-        keys.update(k for k, nodes in self._assigned.items() if name in nodes)
-        for key in keys:
-            if key in self._names:
-                self.mark(*self._names[key])
-        self._mark_pending()
+            self._gpunodes[name] = new
+        before, after = _reports(old), _reports(new)
+        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        ours = {k for k, nodes in self._assigned.items() if name in nodes}
+        theirs = set(new.spec.assignments) if new is not None else set()
+        # Assignments someone else added or removed (ours come back as we wrote them).
+        changed |= ours ^ theirs
+        if new is None:
+            changed |= ours
+        for key in changed:
+            self._mark_key(key)
+        if self._room_grew(old, new):
+            self._mark_pending()
+
+    def _room_grew(self, old: GPUNode | None, new: GPUNode | None) -> bool:
+        if new is None or new.status is None:
+            return False
+        if old is None or old.status is None:
+            return True
+        was_stale, is_stale = self._is_stale(self._view(old)), self._is_stale(self._view(new))
+        if was_stale and not is_stale:
+            return True
+        free_before = {b.gpu.uuid: b.free() for b in self._view(old).budgets()}
+        return any(b.free() > free_before.get(b.gpu.uuid, -1) for b in self._view(new).budgets())
 
     def observe_node(self, raw: dict[str, Any] | None, name: str) -> None:
         """A Node changed (labels, taints) or went away."""
@@ -158,11 +200,14 @@ class OperatorService:
         else:
             spec = raw.get("spec") or {}
             labels = (raw.get("metadata") or {}).get("labels") or {}
-            self._nodes[name] = _NodeObject(dict(labels), list(spec.get("taints") or []))
+            node = _NodeObject(dict(labels), list(spec.get("taints") or []))
+            if self._nodes.get(name) == node:
+                return
+            self._nodes[name] = node
         self._mark_pending()
         for key, nodes in self._assigned.items():
-            if name in nodes and key in self._names:
-                self.mark(*self._names[key])
+            if name in nodes:
+                self._mark_key(key)
 
     async def node_deleted(self, name: str) -> None:
         """The Node object is gone: its GPUNode goes too, and its models move elsewhere."""
@@ -176,31 +221,38 @@ class OperatorService:
             if reason != Reason.INVALID_SPEC:  # capacity cannot fix a spec; an edit re-queues it
                 self.mark(namespace, name)
 
-    # ---- the worker ------------------------------------------------------------------------
+    # ---- the workers -----------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Drain the dirty set until stopped (seen within stale_check_seconds, or cancel the
-        task); also notice nodes whose heartbeat went stale."""
+    async def work(self, stop: asyncio.Event) -> None:
+        """One worker: reconcile queued objects until stopped. Run `config.workers` of these."""
         while not stop.is_set():
-            self._check_staleness()
-            batch, self._dirty = self._dirty, set()
-            self._wake.clear()
-            for namespace, name in sorted(batch):
-                await self._guarded(self.reconcile, namespace, name)
-            if self._dirty:
+            item = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    item = await self.queue.get()
+            if item is None:
                 continue
-            # Waiting spawns no task: kopf takes every task made after its start for its own and
-            # holds its shutdown up to 5 s for those still pending.
+            try:
+                await self._guarded(*item)
+            finally:
+                self.queue.done(item)
+
+    async def watch_heartbeats(self, stop: asyncio.Event) -> None:
+        """Notice nodes whose heartbeat went stale, and avoidances that expired, every second."""
+        while not stop.is_set():
+            try:
+                await self._check_staleness()
+                self._expire_avoidances()
+            except Exception:
+                log.exception("heartbeat check failed; trying again")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.stale_check_seconds):
-                    await self._wake.wait()
+                    await stop.wait()
 
-    async def _guarded(
-        self, func: Callable[[str, str], Awaitable[None]], namespace: str, name: str
-    ) -> None:
+    async def _guarded(self, namespace: str, name: str) -> None:
         started = time.monotonic()
         try:
-            await func(namespace, name)
+            await self.reconcile(namespace, name)
         except Exception:
             # Never let one object stop the others; it is retried on the next change or timer.
             log.exception("reconcile of %s/%s failed", namespace, name)
@@ -210,20 +262,70 @@ class OperatorService:
         finally:
             self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
-    def _check_staleness(self) -> None:
+    # ---- node lifecycle --------------------------------------------------------------------
+
+    async def _check_staleness(self) -> None:
         stale = {view.name for view in self._views() if self._is_stale(view)}
-        for name in stale - self._stale:
-            log.warning("GPUNode %s heartbeat is stale: treating the node as lost", name)
-            for key, nodes in self._assigned.items():
-                if name in nodes and key in self._names:
-                    self.mark(*self._names[key])
+        for name in sorted(stale - self._stale):
+            await self._node_lost(name)
+        if self._stale - stale:
+            self._mark_pending()  # a node came back: room again
         self._stale = stale
+
+    async def _node_lost(self, name: str) -> None:
+        """Withdraw everything a node whose agent stopped reporting holds, in one write, queue
+        those models first, and mark the node Ready=Unknown."""
+        gpunode = self._gpunodes.get(name)
+        if gpunode is None or gpunode.status is None:
+            return  # never reported: nothing was placed there
+        grace = self.config.placement.heartbeat_grace_seconds
+        log.warning(
+            "GPUNode %s heartbeat is older than %gs: treating the node as lost", name, grace
+        )
+        async with self._place_lock:
+            changes: dict[str, Assignment | None] = {}
+            for key, nodes in self._assigned.items():
+                if name in nodes:
+                    self._unassign(key, name, changes)
+            for key in gpunode.spec.assignments:
+                changes.setdefault(key, None)
+            future = self.writer.submit(name, changes) if changes else None
+        if future is not None:
+            await self.writer.wait(name, future)
+        for key in changes:
+            self._mark_key(key, urgent=True)
+        heartbeat = gpunode.status.last_heartbeat_time
+        since = heartbeat.isoformat() if heartbeat else "?"
+        lost = Condition(
+            type="Ready",
+            status="Unknown",
+            reason=HEARTBEAT_LOST,
+            message=(
+                f"the node agent has not reported since {since} (grace {grace:g}s); "
+                f"its {len(changes)} replica(s) were withdrawn"
+            ),
+            last_transition_time=self.clock(),
+        )
+        current = list(gpunode.status.conditions)
+        ready = next((c for c in current if c.type == "Ready"), None)
+        if ready is None or (ready.status, ready.reason) != ("Unknown", HEARTBEAT_LOST):
+            await self.store.set_gpunode_conditions(name, set_condition(current, lost))
 
     def _is_stale(self, view: NodeView) -> bool:
         if view.heartbeat is None:
             return True
         age = (self.clock() - view.heartbeat).total_seconds()
         return age > self.config.placement.heartbeat_grace_seconds
+
+    def _expire_avoidances(self) -> None:
+        moment = time.monotonic()
+        for key, nodes in list(self._avoid.items()):
+            for node, (until, _) in list(nodes.items()):
+                if until <= moment:
+                    del nodes[node]
+                    self._mark_key(key)
+            if not nodes:
+                del self._avoid[key]
 
     # ---- reconcile -------------------------------------------------------------------------
 
@@ -241,7 +343,8 @@ class OperatorService:
             return
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
-            return  # the delete handler withdraws; nothing to place
+            await self._publish_deleting(body)  # the delete handler withdraws
+            return
         generation = int(meta.get("generation") or 0)
         previous = _previous_status(body)
         spec: ModelDeploymentSpec | None = None
@@ -265,7 +368,7 @@ class OperatorService:
             spec_error=error,
             generation=generation,
             assigned_nodes=assigned,
-            reports={node: self._report(node, key) for node in assigned},
+            reports={node: self._fresh_report(node, key) for node in assigned},
             pending_reason=None if error else reason,
             pending_message=message,
             previous=previous,
@@ -276,49 +379,55 @@ class OperatorService:
     async def _place(
         self, key: str, body: dict[str, Any], spec: ModelDeploymentSpec
     ) -> tuple[str | None, str | None]:
-        """Write the assignments the placement decides; return why replicas are missing."""
+        """Decide and write the assignments; return why replicas are missing."""
+        changes: dict[str, dict[str, Assignment | None]] = defaultdict(dict)
         async with self._place_lock:
+            self._release_unloadable(key, changes)
             views = [
                 dataclasses.replace(v, exists=False) if self._is_stale(v) else v
                 for v in self._views()
             ]
             desired = self._assignment(body, spec, gpu_uuid=None)
-            current = self._assigned.get(key, {})
-            for node, old in list(current.items()):
+            for node, old in list(self._assigned.get(key, {}).items()):
                 if _replaced(old, desired):
-                    await self._withdraw(key, node)  # model or size changed: place afresh
+                    self._unassign(key, node, changes[node])  # model or size changed
             request = PlacementRequest.from_spec(
                 key,
                 spec,
                 vram_bytes=self._vram_bytes(key, spec),
                 existing=self._assigned.get(key, {}).keys(),
+                avoid={node: why for node, (_, why) in self._avoid.get(key, {}).items()},
             )
             decision = self.reservations.place_and_reserve(
                 request, views, self.config.placement, self.clock()
             )
+            displaced = []
             for victim in decision.preempted:
-                await self._withdraw(victim.key, victim.node)
+                self._unassign(victim.key, victim.node, changes[victim.node])
                 self._preempted[victim.key] = f"displaced from {victim.node} by {key}"
                 self.metrics.placements.labels("preempted").inc()
-                if victim.key in self._names:
-                    self.mark(*self._names[victim.key])
+                displaced.append(victim.key)
             for node in decision.remove:
-                await self._withdraw(key, node)
+                self._unassign(key, node, changes[node])
                 self.metrics.placements.labels("withdrawn").inc()
             for choice in decision.chosen:
                 assignment = desired.model_copy(update={"gpu_uuid": choice.gpu_uuid})
-                if await self.store.set_assignment(choice.node, key, assignment):
-                    self._assigned[key][choice.node] = assignment
-                    self.metrics.placements.labels("placed").inc()
-                    log.info("placed %s on %s (%s)", key, choice.node, choice.gpu_uuid)
-                else:
-                    self.reservations.release(key, choice.node)
+                self._assigned[key][choice.node] = assignment
+                changes[choice.node][key] = assignment
+                self.metrics.placements.labels("placed").inc()
+                log.info("placed %s on %s (%s)", key, choice.node, choice.gpu_uuid)
             for node in decision.keep:
                 kept = self._assigned[key].get(node)
                 if kept is not None:
                     updated = desired.model_copy(update={"gpu_uuid": kept.gpu_uuid})
-                    if updated != kept and await self.store.set_assignment(node, key, updated):
+                    if updated != kept:
                         self._assigned[key][node] = updated
+                        changes[node][key] = updated
+            futures = {node: self.writer.submit(node, c) for node, c in changes.items() if c}
+        # Whoever lost a replica shows it before anything else is worked on.
+        for victim_key in displaced:
+            self._mark_key(victim_key, urgent=True)
+        await self._write(futures, changes)
         if decision.reason is not None:
             self.metrics.placements.labels("pending").inc()
             if key in self._preempted:
@@ -327,11 +436,63 @@ class OperatorService:
             return decision.reason.value, decision.message
         return None, None
 
-    async def _withdraw(self, key: str, node: str) -> None:
-        await self.store.set_assignment(node, key, None)
-        log.info("withdrew %s from %s", key, node)
+    def _release_unloadable(
+        self, key: str, changes: dict[str, dict[str, Assignment | None]]
+    ) -> None:
+        """Withdraw replicas that could not load for want of memory, or that were evicted while
+        assigned, so they are placed afresh (elsewhere for a while) with their budget released.
+        Called under the placement lock."""
+        for node in list(self._assigned.get(key, {})):
+            report = self._fresh_report(node, key)
+            if report is None or not _unloadable(report):
+                continue
+            why = f"{report.reason or report.state}: {report.message or report.state}"
+            log.info("withdrawing %s from %s to place it afresh (%s)", key, node, why)
+            self._avoid[key][node] = (time.monotonic() + self.config.avoid_seconds, why)
+            self._unassign(key, node, changes[node])
+            self.metrics.placements.labels("replaced").inc()
+
+    def _unassign(self, key: str, node: str, changes: dict[str, Assignment | None]) -> None:
+        """Forget `key` on `node` in memory and the ledger now; `changes` carries the write."""
         self._assigned.get(key, {}).pop(node, None)
         self.reservations.release(key, node)
+        changes[key] = None
+        log.info("withdrew %s from %s", key, node)
+
+    async def _write(
+        self,
+        futures: dict[str, asyncio.Future[bool]],
+        changes: dict[str, dict[str, Assignment | None]],
+    ) -> None:
+        """Wait for the submitted writes; a node that is gone or refused gets its picture
+        re-read, so memory never keeps an assignment the API server does not have."""
+        failed: BaseException | None = None
+        for node, future in futures.items():
+            try:
+                ok = await self.writer.wait(node, future)
+            except Exception as exc:
+                ok, failed = False, exc
+            if not ok:
+                await self._resync(node, changes[node])
+        if failed is not None:
+            raise failed
+
+    async def _resync(self, node: str, keys: Iterable[str]) -> None:
+        """Make the in-memory assignments of `node` what its GPUNode says; queue `keys`."""
+        gpunode = await self.store.get_gpunode(node)
+        async with self._place_lock:
+            for key, nodes in self._assigned.items():
+                if node in nodes and (gpunode is None or key not in gpunode.spec.assignments):
+                    nodes.pop(node)
+            if gpunode is None:
+                self._gpunodes.pop(node, None)
+            else:
+                self._gpunodes[node] = gpunode
+                for key, assignment in gpunode.spec.assignments.items():
+                    self._assigned[key][node] = assignment
+            self.reservations.rebuild(self._views())
+        for key in keys:
+            self._mark_key(key)
 
     def _assignment(
         self, body: dict[str, Any], spec: ModelDeploymentSpec, gpu_uuid: str | None
@@ -371,6 +532,14 @@ class OperatorService:
             return None
         return next((m for m in gpunode.status.models if m.key == key), None)
 
+    def _fresh_report(self, node: str, key: str) -> ResidentModel | None:
+        """What a node's agent reports for `key`, if its heartbeat is fresh: a lost node's last
+        word is no evidence that a replica is ready there."""
+        gpunode = self._gpunodes.get(node)
+        if gpunode is None or self._is_stale(self._view(gpunode)):
+            return None
+        return self._report(node, key)
+
     async def _publish(
         self,
         body: dict[str, Any],
@@ -387,6 +556,27 @@ class OperatorService:
             await self.store.post_event(body, event.type, event.reason, event.message)
         self._update_pending_gauge()
 
+    async def _publish_deleting(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = assignment_key(meta["namespace"], meta["name"])
+        previous = _previous_status(body)
+        status = fold_deleting(
+            generation=int(meta.get("generation") or 0),
+            holding=self._holding(key),
+            previous=previous,
+            now=self.clock(),
+        )
+        await self._publish(body, previous, status)
+
+    def _holding(self, key: str) -> dict[str, ResidentModel]:
+        """Fresh nodes whose agent still reports `key` on a GPU or in host RAM."""
+        held = {}
+        for node in sorted(self._gpunodes):
+            report = self._fresh_report(node, key)
+            if report is not None and report.state in _HOLDING:
+                held[node] = report
+        return held
+
     def _update_pending_gauge(self) -> None:
         self.metrics.pending.clear()
         counts: dict[str, int] = defaultdict(int)
@@ -398,6 +588,7 @@ class OperatorService:
     def _forget(self, key: str, name: Key) -> None:
         self._pending.pop(name, None)
         self._preempted.pop(key, None)
+        self._avoid.pop(key, None)
         self._update_pending_gauge()
 
     # ---- delete ----------------------------------------------------------------------------
@@ -406,32 +597,33 @@ class OperatorService:
         """Withdraw every assignment; return the nodes still holding the model (empty: done).
 
         A node whose GPUNode is gone or whose heartbeat is stale cannot unload anything, so it
-        does not hold the deletion up.
+        does not hold the deletion up. The status says so from the first pass.
         """
         key = assignment_key(namespace, name)
         await self._withdraw_all(key)
-        holding = [
-            node
-            for node, gpunode in sorted(self._gpunodes.items())
-            if gpunode.status is not None
-            and not self._is_stale(self._view(gpunode))
-            and any(m.key == key and m.state in _HOLDING for m in gpunode.status.models)
-        ]
+        holding = sorted(self._holding(key))
         if not holding:
             self._forget(key, (namespace, name))
             self._names.pop(key, None)
             self._mark_pending()  # freed capacity
+        else:
+            body = await self.store.get_deployment(namespace, name)
+            if body is not None:
+                await self._publish_deleting(body)
         return holding
 
     async def _withdraw_all(self, key: str) -> bool:
         """Withdraw `key` from every node that holds or may hold it; False when none did."""
+        changes: dict[str, dict[str, Assignment | None]] = defaultdict(dict)
         async with self._place_lock:
             nodes = set(self._assigned.get(key, {}))
             nodes.update(n for n, g in self._gpunodes.items() if key in g.spec.assignments)
             for node in sorted(nodes):
-                await self._withdraw(key, node)
+                self._unassign(key, node, changes[node])
             self._assigned.pop(key, None)
             self.reservations.release(key)
+            futures = {node: self.writer.submit(node, c) for node, c in changes.items()}
+        await self._write(futures, changes)
         return bool(nodes)
 
     # ---- views -----------------------------------------------------------------------------
@@ -444,11 +636,11 @@ class OperatorService:
         )
         # Our own writes reach the watch later; until then the in-memory picture is the truth.
         assignments = {k: nodes[name] for k, nodes in self._assigned.items() if name in nodes}
-        reserve = self.config.gpu_reserve_bytes
-        gpus = tuple(
-            g.model_copy(update={"total_bytes": max(0, g.total_bytes - reserve)}) for g in view.gpus
+        return dataclasses.replace(
+            view,
+            assignments=assignments,
+            reserve_bytes=reserve_bytes(self.config.gpu_reserve_bytes),
         )
-        return dataclasses.replace(view, assignments=assignments, gpus=gpus)
 
     def _views(self) -> list[NodeView]:
         return [self._view(g) for g in self._gpunodes.values()]
@@ -461,6 +653,25 @@ def _name(gpunode: GPUNode) -> str:
 def _node_object(node: Any) -> _NodeObject:
     taints = [t.to_dict() for t in (node.spec.taints or [])] if node.spec else []
     return _NodeObject(dict(node.metadata.labels or {}), taints)
+
+
+def _reports(gpunode: GPUNode | None) -> dict[str, tuple[Any, ...]]:
+    """What a GPUNode reports per key, in the fields a ModelDeployment status shows."""
+    if gpunode is None or gpunode.status is None:
+        return {}
+    return {
+        m.key: (m.state, m.gpu_uuid, m.vram_bytes, m.vram_source, m.progress, m.message, m.reason)
+        for m in gpunode.status.models
+    }
+
+
+def _unloadable(report: ResidentModel) -> bool:
+    """A replica its node could not load for want of memory, or evicted while assigned."""
+    if report.state is ModelState.FAILED:
+        return report.reason in _MOVABLE_FAILURES
+    if report.state is ModelState.EVICTED:
+        return report.reason not in _STAYING_EVICTIONS
+    return False
 
 
 def _replaced(old: Assignment, desired: Assignment) -> bool:

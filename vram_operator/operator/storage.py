@@ -9,12 +9,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from vram_operator.api import GROUP, VERSION, Assignment, GPUNode, ModelDeploymentStatus
+from vram_operator.api import (
+    GROUP,
+    VERSION,
+    Assignment,
+    Condition,
+    GPUNode,
+    ModelDeploymentStatus,
+)
 from vram_operator.api.gpunode import PLURAL as GPUNODES
 from vram_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
 
@@ -43,10 +51,12 @@ class ClusterStore:
             if node.metadata is not None and node.metadata.name
         }
 
-    async def set_assignment(self, node: str, key: str, assignment: Assignment | None) -> bool:
-        """Add, replace or (None) withdraw one assignment; False when the GPUNode is gone."""
-        value = None if assignment is None else assignment.to_k8s()
-        body = {"spec": {"assignments": {key: value}}}
+    async def set_assignments(self, node: str, changes: Mapping[str, Assignment | None]) -> bool:
+        """Add, replace or (None) withdraw assignments in one merge patch; False when the
+        GPUNode is gone. Keys not named are left alone, so placements never overwrite each other.
+        """
+        values = {key: None if a is None else a.to_k8s() for key, a in changes.items()}
+        body = {"spec": {"assignments": values}}
         try:
             await asyncio.to_thread(
                 self._custom.patch_cluster_custom_object, GROUP, VERSION, GPUNODES, node, body
@@ -56,6 +66,35 @@ class ClusterStore:
                 return False
             raise
         return True
+
+    async def get_gpunode(self, node: str) -> GPUNode | None:
+        try:
+            raw = await asyncio.to_thread(
+                self._custom.get_cluster_custom_object, GROUP, VERSION, GPUNODES, node
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return GPUNode.model_validate(_as_dict(raw))
+
+    async def set_gpunode_conditions(self, node: str, conditions: Sequence[Condition]) -> None:
+        """Replace a GPUNode's status conditions (the operator's one write there: a node whose
+        agent stopped reporting is marked Ready=Unknown, as the node lifecycle controller
+        does for Nodes). A GPUNode that is gone is left alone."""
+        body = {"status": {"conditions": [c.to_k8s() for c in conditions]}}
+        try:
+            await asyncio.to_thread(
+                self._custom.patch_cluster_custom_object_status,
+                GROUP,
+                VERSION,
+                GPUNODES,
+                node,
+                body,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     async def delete_gpunode(self, node: str) -> None:
         try:
