@@ -347,13 +347,23 @@ def test_agent_daemonset_defaults(default_release: Release) -> None:
     assert ollama["image"] == "ollama/ollama:0.12.3"
     assert _env(ollama)["OLLAMA_KEEP_ALIVE"] == "-1"
     assert "OLLAMA_MAX_LOADED_MODELS" in _env(ollama)
-    assert ollama["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert volumes["ollama-models"]["hostPath"]["path"] == "/var/lib/vram-operator/ollama"
 
     vllm = containers["vllm"]
     assert vllm["command"] == ["vram-operator", "vllm-supervisor"]
-    assert vllm["args"] == ["--port=8900"]
-    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert vllm["args"] == [
+        "--port=8900",
+        "--serve-port=8000",
+        "--advertise-host=$(POD_IP)",
+        "--drain-timeout=60",
+    ]
+    assert _env(vllm)["POD_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
+    assert vllm["ports"] == [{"name": "vllm", "containerPort": 8000, "protocol": "TCP"}]
+    # The agent places models on any GPU of the node: both sidecars see them all, and the pod
+    # asks the device plugin for none, so it schedules on a 1-GPU node too.
+    for sidecar in (ollama, vllm):
+        assert _env(sidecar)["NVIDIA_VISIBLE_DEVICES"] == "all"
+        assert "nvidia.com/gpu" not in sidecar["resources"].get("limits", {})
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
 
 
@@ -434,6 +444,8 @@ def test_rendered_command_lines_parse(helm: Helm, all_switches: Path, switches: 
     parsed = _parse(vllm["command"][1:] + vllm["args"])
     assert parsed.port == 8900
     assert parsed.host == "127.0.0.1"  # the probe is an exec for this reason
+    assert (parsed.serve_host, parsed.serve_port) == ("0.0.0.0", 8000)
+    assert parsed.advertise_host == "$(POD_IP)"  # the kubelet expands it
 
 
 def test_switches_that_remove_parts(helm: Helm) -> None:

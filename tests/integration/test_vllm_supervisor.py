@@ -12,6 +12,7 @@ import random
 import select
 import shlex
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from vram_operator.api import ModelState
+from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from vram_operator.node_agent.backends import (
     AiohttpTransport,
     BackendError,
@@ -38,6 +41,7 @@ pytestmark = pytest.mark.integration
 
 TOTAL = 24 * GIB
 FAKE_VLLM = shlex.join([sys.executable, "-m", "vram_operator.simulation.fake_vllm", "serve"])
+FAKE_DOWNLOAD = shlex.join([sys.executable, "-m", "vram_operator.simulation.fake_vllm", "download"])
 START_TIMEOUT = 30.0
 
 
@@ -71,13 +75,15 @@ class Supervisor:
     gpus: SimulatedGPUs
     log: Path
     child_pids: set[int] = field(default_factory=set)
+    gpu: int = 0
+    """The GPU `request` places models on."""
 
     @property
     def uuid(self) -> str:
-        return self.gpus.devices()[0].uuid
+        return self.gpus.devices()[self.gpu].uuid
 
     def held(self) -> dict[str, int]:
-        return dict(self.gpus.devices()[0].allocations)
+        return dict(self.gpus.devices()[self.gpu].allocations)
 
     def backend(self, load_timeout: float = START_TIMEOUT) -> VLLMBackend:
         return VLLMBackend(
@@ -120,11 +126,15 @@ def start_supervisor(tmp_path: Path) -> Iterator[StartSupervisor]:
     started: list[tuple[Supervisor, contextlib.ExitStack]] = []
 
     def start(
-        startup_timeout: float = START_TIMEOUT, vllm_command: str = FAKE_VLLM, **env: str
+        startup_timeout: float = START_TIMEOUT,
+        vllm_command: str = FAKE_VLLM,
+        gpu_count: int = 1,
+        extra: tuple[str, ...] = (),
+        **env: str,
     ) -> Supervisor:
         index = len(started)
         state = tmp_path / f"gpus-{index}.json"
-        gpus = SimulatedGPUs.create(state, node=f"node-{index}", total_bytes=TOTAL)
+        gpus = SimulatedGPUs.create(state, node=f"node-{index}", count=gpu_count, total_bytes=TOTAL)
         base = random.randrange(20000, 29000, 100)
         stack = contextlib.ExitStack()
         log = tmp_path / f"supervisor-{index}.log"
@@ -144,10 +154,22 @@ def start_supervisor(tmp_path: Path) -> Iterator[StartSupervisor]:
                     str(startup_timeout),
                     "--stop-timeout",
                     "1",
+                    "--simulate-gpus",
+                    str(state),
+                    "--serve-port",
+                    "0",
+                    "--download-command",
+                    FAKE_DOWNLOAD,
+                    *extra,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=stack.enter_context(log.open("wb")),
-                env={**os.environ, "VRAM_SIM_GPU_STATE": str(state), **env},
+                env={
+                    **os.environ,
+                    "VRAM_SIM_GPU_STATE": str(state),
+                    "HF_HOME": str(tmp_path / f"hf-{index}"),
+                    **env,
+                },
             )
         )
         assert process.stdout is not None
@@ -187,24 +209,26 @@ async def test_a_model_runs_with_its_budget_and_parks_in_host_ram(
     try:
         info = await backend.load(supervisor.request("ns.qwen", 6 * GIB))
         assert info.state is ModelState.LOADED
-        assert info.vram_bytes == 6 * GIB
         (entry,) = (await supervisor.entries()).values()
         pid, port = int(entry["pid"]), entry["port"]
         assert entry["gpuMemoryUtilization"] == 0.25
         budget = int(0.25 * TOTAL)
-        assert supervisor.held() == {f"pid:{pid}:vllm:{port}": budget}
+        full = budget + VLLM_INSTANCE_OVERHEAD_BYTES
+        assert supervisor.held() == {f"pid:{pid}:vllm:{port}": full}
+        assert info.vram_bytes == full
 
         again = await backend.load(supervisor.request("ns.qwen", 6 * GIB))  # idempotent
         assert again.state is ModelState.LOADED
         assert int((await supervisor.entries())["ns.qwen"]["pid"]) == pid
 
         await backend.park("ns.qwen", "Qwen/Qwen2.5-0.5B-Instruct")
-        assert sum(supervisor.held().values()) == math.ceil(budget * SLEEP_RESIDUAL)
+        residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
+        assert sum(supervisor.held().values()) == residual
         (parked,) = await backend.list_resident()
         assert parked.state is ModelState.SLEEPING
 
         await backend.wake("ns.qwen", "Qwen/Qwen2.5-0.5B-Instruct")
-        assert sum(supervisor.held().values()) == budget
+        assert sum(supervisor.held().values()) == full
         (woken,) = await backend.list_resident()
         assert woken.state is ModelState.LOADED
         assert woken.last_access is not None
@@ -289,7 +313,7 @@ async def test_bad_requests_are_refused_with_a_message(
     supervisor = start_supervisor()
     backend = supervisor.backend()
     try:
-        with pytest.raises(BackendError, match="more than the GPU's total") as too_big:
+        with pytest.raises(BackendError, match="does not fit") as too_big:
             await backend.load(supervisor.request("ns.huge", TOTAL + 1))
         assert too_big.value.status == 400
         await backend.load(supervisor.request("ns.a", 2 * GIB, sleep_mode=False))
@@ -391,5 +415,161 @@ async def test_a_command_that_cannot_start_fails_with_the_reason(
         assert not caught.value.retryable
         entry = (await supervisor.entries())["ns.none"]
         assert (entry["state"], entry["pid"]) == ("failed", None)
+    finally:
+        await backend.aclose()
+
+
+# --- issue 8: device index, endpoint, visibility, drain, measurement, pull, flags -------------
+
+
+def outward_address() -> str | None:
+    """This machine's non-loopback address, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+async def chat(endpoint: str, content: str = "hi") -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{endpoint}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": content}]},
+        ) as answer,
+    ):
+        return answer.status, await answer.json(content_type=None)
+
+
+async def test_a_model_on_the_second_gpu_gets_an_integer_index_and_answers_at_its_endpoint(
+    start_supervisor: StartSupervisor,
+) -> None:
+    supervisor = start_supervisor(gpu_count=2)
+    supervisor.gpu = 1
+    backend = supervisor.backend()
+    try:
+        info = await backend.load(supervisor.request("ns.second", 4 * GIB, sleep_mode=False))
+        assert info.state is ModelState.LOADED
+        entry = (await supervisor.entries())["ns.second"]
+        assert entry["deviceIndex"] == 1  # what vLLM 0.11 can parse, never the UUID
+        assert supervisor.gpus.devices()[0].allocations == {}
+        assert list(supervisor.held()) == [f"pid:{entry['pid']}:vllm:{entry['port']}"]
+        assert info.endpoint == entry["endpoint"]
+        assert info.endpoint is not None
+        host = info.endpoint.split("//", 1)[1].rsplit(":", 1)[0]
+        outward = outward_address()
+        if outward is not None:  # else the machine has only loopback: the endpoint is there
+            assert host == outward, "the endpoint must be reachable from outside the pod"
+        status, body = await chat(info.endpoint)
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"].startswith("This is a simulated reply")
+    finally:
+        await backend.aclose()
+
+
+async def test_a_gpu_the_container_does_not_see_is_refused(
+    start_supervisor: StartSupervisor,
+) -> None:
+    supervisor = start_supervisor()
+    backend = supervisor.backend()
+    try:
+        request = supervisor.request("ns.elsewhere", GIB)
+        request = LoadRequest(**{**request.__dict__, "gpu_uuid": "GPU-not-in-this-container"})
+        with pytest.raises(BackendError, match="not visible in the vLLM container") as caught:
+            await backend.load(request)
+        assert caught.value.status == 400
+        assert await supervisor.entries() == {}
+    finally:
+        await backend.aclose()
+
+
+async def test_sleep_drains_requests_first_and_a_sleeping_model_gets_none(
+    start_supervisor: StartSupervisor,
+) -> None:
+    supervisor = start_supervisor(VRAM_SIM_VLLM_REQUEST_SECONDS="1.5")
+    backend = supervisor.backend()
+    try:
+        info = await backend.load(supervisor.request("ns.busy", 2 * GIB))
+        assert info.endpoint is not None
+        pid = int((await supervisor.entries())["ns.busy"]["pid"])
+        running = asyncio.create_task(chat(info.endpoint))
+        await asyncio.sleep(0.4)  # the request is in the engine now
+        await backend.park("ns.busy", "Qwen/Qwen2.5-0.5B-Instruct")
+        status, _ = await running
+        assert status == 200, "the in-flight request finished before the engine slept"
+        assert running.done()
+        entry = (await supervisor.entries())["ns.busy"]
+        assert entry["state"] == "sleeping"
+
+        status, body = await chat(info.endpoint)  # would kill vLLM 0.11; the proxy holds it
+        assert status == 503
+        assert "sleeping" in body["error"]["message"]
+        assert alive(pid)
+
+        await backend.wake("ns.busy", "Qwen/Qwen2.5-0.5B-Instruct")
+        assert (await chat(info.endpoint))[0] == 200
+        assert "EngineDeadError" not in supervisor.log.read_text()
+    finally:
+        await backend.aclose()
+
+
+async def test_reported_vram_is_what_the_process_holds(
+    start_supervisor: StartSupervisor,
+) -> None:
+    supervisor = start_supervisor()
+    backend = supervisor.backend()
+    try:
+        await backend.load(supervisor.request("ns.m", 2 * GIB, sleep_mode=False))
+        entry = (await supervisor.entries())["ns.m"]
+        owner = f"pid:{entry['pid']}:vllm:{entry['port']}"
+        assert entry["vramSource"] == "measured"
+        supervisor.gpus.set_allocation(supervisor.uuid, owner, 3 * GIB)  # it grew
+        (info,) = await backend.list_resident()
+        assert info.vram_bytes == 3 * GIB
+        assert (await supervisor.entries())["ns.m"]["footprintBytes"] != 3 * GIB
+    finally:
+        await backend.aclose()
+
+
+async def test_pull_downloads_with_progress_and_then_the_estimate_reads_the_files(
+    start_supervisor: StartSupervisor,
+) -> None:
+    supervisor = start_supervisor(VRAM_SIM_VLLM_DOWNLOAD_SECONDS="1")
+    backend = supervisor.backend()
+    model = "Qwen/Qwen2.5-0.5B-Instruct"
+    try:
+        assert await backend.estimate(model) is None  # nothing here before the pull
+        progress: list[int] = []
+        await backend.pull(model, progress.append)
+        assert progress[-1] == 100
+        assert progress == sorted(progress)
+        assert len(progress) >= 2, "progress was reported while downloading"
+        long = await backend.estimate(model)
+        short = await backend.estimate(model, args=["--max-model-len=1024"])
+        assert long is not None
+        assert short is not None
+        assert short.bytes < long.bytes  # --max-model-len reaches the KV cache
+        assert "activation peak" in long.detail
+        with pytest.raises(BackendError, match="RepositoryNotFoundError") as caught:
+            await backend.pull("missing/model", lambda _: None)
+        assert not caught.value.retryable
+    finally:
+        await backend.aclose()
+
+
+async def test_an_unknown_vllm_flag_fails_the_start_with_argparses_message(
+    start_supervisor: StartSupervisor,
+) -> None:
+    supervisor = start_supervisor()
+    backend = supervisor.backend()
+    try:
+        request = supervisor.request("ns.flag", GIB)
+        request = LoadRequest(**{**request.__dict__, "args": ("--no-such-vllm-flag",)})
+        with pytest.raises(BackendError, match="unrecognized arguments: --no-such-vllm-flag"):
+            await backend.load(request)
+        assert (await supervisor.entries())["ns.flag"]["exitCode"] == 2
     finally:
         await backend.aclose()

@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vram_operator.api import Backend, ModelState
+from vram_operator.api import GPU, Backend, ModelState
 from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from vram_operator.node_agent.backends import (
     AiohttpTransport,
@@ -34,6 +34,7 @@ from vram_operator.node_agent.backends import (
 from vram_operator.node_agent.backends.base import backoff_delay, error_text
 from vram_operator.node_agent.backends.ollama import PullProgress
 from vram_operator.node_agent.backends.vllm import request_activity
+from vram_operator.node_agent.monitors.gpu import GPUReading
 from vram_operator.node_agent.vllm_supervisor import (
     Child,
     ChildSpec,
@@ -44,6 +45,7 @@ from vram_operator.node_agent.vllm_supervisor import (
     gpu_memory_utilization,
     local_model_path,
     parse_port_range,
+    visible_index,
 )
 from vram_operator.simulation.fake_ollama import FakeOllama, OllamaConfig
 from vram_operator.simulation.gpu import GIB, SimulatedGPUs
@@ -654,7 +656,17 @@ async def test_vllm_park_wake_unload_and_estimate_paths() -> None:
         "http://sup/models/ns.qwen/wake_up",
         "http://sup/models/ns.qwen",
     ]
-    assert urls[3] == "http://sup/estimate?model=Qwen%2FQwen2.5-0.5B&contextLength=2048"
+    assert urls[3] == (
+        "http://sup/estimate?model=Qwen%2FQwen2.5-0.5B&contextLength=2048"
+        "&maxNumBatchedTokens=8192&maxNumSeqs=1024"
+    )
+    # --max-model-len and the batch limits of the deployment's args reach the estimate
+    await backend.estimate(
+        "a/b", args=["--max-model-len", "1024", "--max-num-batched-tokens=512", "--max-num-seqs=8"]
+    )
+    assert transport.calls[-1][1] == (
+        "http://sup/estimate?model=a%2Fb&contextLength=1024&maxNumBatchedTokens=512&maxNumSeqs=8"
+    )
 
 
 async def test_vllm_health_and_pull() -> None:
@@ -664,8 +676,33 @@ async def test_vllm_health_and_pull() -> None:
     assert health.healthy
     assert health.version == "vram-operator vllm-supervisor 0.1.0"
     progress: list[int] = []
+
+
+async def test_vllm_pull_downloads_with_progress_before_returning() -> None:
+    reports = [(0, "downloading"), (40, "downloading"), (40, "downloading"), (100, "done")]
+
+    def handler(method: str, url: str, body: Any) -> Response:
+        done, state = reports.pop(0)
+        job = {"model": "a/b", "state": state, "completedBytes": done, "totalBytes": 100}
+        job["percent"] = done if state == "done" else min(done, 99)
+        return Response(202 if method == "POST" else 200, json.dumps(job).encode())
+
+    transport = ScriptedTransport(handler)
+    backend = VLLMBackend("http://sup", transport=transport, retry=FAST, poll_interval=0)
     await backend.pull("a/b", progress.append)
-    assert progress == [100]
+    assert progress == [40, 100]
+    assert transport.calls[0] == ("POST", "http://sup/downloads", {"model": "a/b"})
+    assert transport.calls[1][1] == "http://sup/downloads?model=a%2Fb"
+    assert reports == []
+
+
+async def test_vllm_pull_failure_carries_the_hub_message() -> None:
+    failed = {"model": "x/y", "state": "failed", "message": "RepositoryNotFoundError: 401"}
+    transport = ScriptedTransport(lambda *_: Response(202, json.dumps(failed).encode()))
+    backend = VLLMBackend("http://sup", transport=transport, retry=FAST)
+    with pytest.raises(BackendError, match="RepositoryNotFoundError") as caught:
+        await backend.pull("x/y", lambda _: None)
+    assert not caught.value.retryable
 
 
 def test_request_activity_sums_vllm_counters() -> None:
@@ -734,13 +771,41 @@ def test_child_command_line_and_environment() -> None:
         "--enable-sleep-mode",
         "--max-model-len=4096",
     ]
-    env = manager.environment(spec)
-    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-7"
+    env = manager.environment(replace(spec, device_index=1))
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"  # vLLM 0.11 int()s every entry: never a UUID
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
     assert spec.vram_bytes == 8 * GIB + VLLM_INSTANCE_OVERHEAD_BYTES
 
 
 @pytest.mark.parametrize(
+def _gpu(index: int, uuid: str, parent: str | None = None) -> GPU:
+    return GPU(
+        index=index,
+        uuid=uuid,
+        name="g",
+        total_bytes=GIB,
+        used_bytes=0,
+        free_bytes=GIB,
+        parent_uuid=parent,
+    )
+
+
+def test_visible_index_maps_a_uuid_to_the_containers_index_or_refuses() -> None:
+    reading = GPUReading(
+        gpus=[_gpu(0, "GPU-a"), _gpu(1, "GPU-b"), _gpu(2, "MIG-c", parent="GPU-z")],
+        processes={},
+        source="nvml",
+    )
+    assert visible_index(reading, "GPU-b") == 1
+    with pytest.raises(SupervisorError, match="GPU-x is not visible in the vLLM container") as e:
+        visible_index(reading, "GPU-x")
+    assert e.value.status == 400
+    assert "0: GPU-a, 1: GPU-b" in e.value.message
+    with pytest.raises(SupervisorError, match="MIG instance"):
+        visible_index(reading, "MIG-c")
+
+
     ("text", "expected"),
     [("8100-8199", range(8100, 8200)), ("9000", range(9000, 9001))],
 )
@@ -795,6 +860,16 @@ async def supervisor_url() -> AsyncIterator[str]:
         ("GET", "/estimate?model=a/b&contextLength=x", None, 400, "positive integer"),
         ("GET", "/estimate?model=/no/such/path", None, 404, "not in this container"),
     ],
+        ("GET", "/estimate?model=a/b&maxNumSeqs=0", None, 400, "positive integer"),
+        (
+            "PUT",
+            "/models/ns.a",
+            {"model": "a/b", "gpuUuid": "GPU-x", "vramBytes": 1, "gpuTotalBytes": 10},
+            400,
+            "GPU-x is not visible in the vLLM container",
+        ),
+        ("POST", "/downloads", {}, 400, "model: a non-empty string"),
+        ("GET", "/downloads?model=a/b", None, 404, "no download"),
 )
 async def test_supervisor_refuses_bad_requests_with_a_message(
     supervisor_url: str, method: str, path: str, body: Any, status: int, message: str

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from vram_operator.node_agent.estimate import (
     DEFAULT_OLLAMA_CONTEXT,
     OVERHEAD_BYTES,
+    VLLM_NON_TORCH_BYTES,
     Estimate,
+    VLLMSizes,
     estimate_path,
     from_file_size,
     from_gguf_header,
@@ -23,6 +25,9 @@ from vram_operator.node_agent.estimate import (
     from_safetensors_header,
     kv_cache_bytes,
     parse_parameter_size,
+    vllm_activation_bytes,
+    vllm_estimate_path,
+    vllm_sizes_from_args,
 )
 
 pytestmark = pytest.mark.unit
@@ -426,3 +431,53 @@ def test_bad_parameter_sizes(text: str) -> None:
 def test_kv_cache_with_one_head_count_applies_it_to_every_layer() -> None:
     assert kv_cache_bytes(3, [4], 8, 8, 10) == 3 * 4 * 16 * 10 * 2
     assert kv_cache_bytes(2, [1, 3], 8, 4, 10) == (1 + 3) * 12 * 10 * 2
+
+
+# --- vLLM budgets -------------------------------------------------------------------------------
+
+QWEN_LIKE = {
+    "num_hidden_layers": 4,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "vocab_size": 1000,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_vllm_budget_is_weights_kv_and_the_activation_peak_without_instance_overhead(
+    tmp_path: Path,
+) -> None:
+    safetensors_file(tmp_path / "model.safetensors", {"w": ("BF16", [128, 128])})
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_LIKE))
+    weights = 128 * 128 * 2
+    kv_per_token = 4 * 2 * (16 + 16) * 2
+    sizes = VLLMSizes(max_model_len=512, max_num_batched_tokens=256, max_num_seqs=16)
+    # one layer's live tensors per token (residual+hidden, then the MLP's 3 x intermediate),
+    # and float32 logits + probabilities for 16 sampled rows
+    activation = 256 * (2 * 128 + 3 * 512) * 2 + 16 * 1000 * 4 * 2 + VLLM_NON_TORCH_BYTES
+    estimate = vllm_estimate_path(tmp_path, sizes)
+    assert estimate.bytes == weights + kv_per_token * 512 + activation
+    assert "activation peak" in estimate.detail
+    assert vllm_activation_bytes(QWEN_LIKE, sizes) == activation
+    # --max-model-len sizes the KV cache; the default is max_position_embeddings
+    default = vllm_estimate_path(tmp_path, VLLMSizes(max_num_batched_tokens=256, max_num_seqs=16))
+    assert default.bytes - estimate.bytes == kv_per_token * (2048 - 512)
+    # more batched tokens, a larger activation peak
+    bigger = vllm_estimate_path(tmp_path, VLLMSizes(max_model_len=512))
+    assert bigger.bytes > estimate.bytes
+
+
+def test_vllm_sizes_come_from_the_deployments_args() -> None:
+    assert vllm_sizes_from_args(["--max-model-len=4096"]) == VLLMSizes(max_model_len=4096)
+    sizes = vllm_sizes_from_args(
+        ["--max-num-batched-tokens", "2048", "--max-num-seqs=64", "--enforce-eager"]
+    )
+    assert sizes == VLLMSizes(max_model_len=None, max_num_batched_tokens=2048, max_num_seqs=64)
+    assert vllm_sizes_from_args(["--max-model-len=x"]).max_model_len is None
+
+
+def test_vllm_activation_needs_the_sizes() -> None:
+    assert vllm_activation_bytes({"hidden_size": 8}, VLLMSizes()) is None

@@ -469,7 +469,9 @@ def test_ollama_main_needs_a_state_file(tmp_path: Path, capsys: pytest.CaptureFi
 # --- fake vLLM --------------------------------------------------------------------------------
 
 
-def fake_vllm_server(gpus: SimulatedGPUs, sleep_mode: bool = True) -> FakeVLLM:
+def fake_vllm_server(
+    gpus: SimulatedGPUs, sleep_mode: bool = True, request_seconds: float = 0.0
+) -> FakeVLLM:
     fake = FakeVLLM(
         gpus,
         owner="pid:9:vllm:8001",
@@ -492,9 +494,8 @@ async def test_vllm_sleep_and_wake_move_vram(gpus: SimulatedGPUs) -> None:
         assert await (await client.get("/is_sleeping")).json() == {"is_sleeping": True}
         residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
         assert gpus.device(1).used_bytes == residual
-        asleep = await client.post("/v1/completions", json={"prompt": "hi"})
-        assert asleep.status == 503
-
+        request_seconds=request_seconds,
+        dev_mode=sleep_mode,
         gpus.pressure(1, 20 * GIB)
         refused = await client.post("/wake_up")
         assert refused.status == 500
@@ -519,9 +520,91 @@ async def test_vllm_endpoints_and_metric_names(gpus: SimulatedGPUs) -> None:
         body = await completion.json()
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        assert fake.crashed is None
         chat = await client.post(
             "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
         )
+async def test_vllm_dies_on_a_request_while_sleeping(gpus: SimulatedGPUs) -> None:
+    fake = fake_vllm_server(gpus)
+    async with serving(fake.app()) as client:
+        assert (await client.post("/sleep", params={"level": "1"})).status == 200
+        asleep = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert asleep.status == 500
+        assert fake.crashed is not None
+        assert "EngineDeadError" in fake.crashed
+
+
+async def test_vllm_dies_on_sleep_with_requests_in_flight(gpus: SimulatedGPUs) -> None:
+    fake = fake_vllm_server(gpus, request_seconds=1.0)
+    async with serving(fake.app()) as client:
+        running = asyncio.create_task(client.post("/v1/completions", json={"prompt": "hi"}))
+        await asyncio.sleep(0.2)
+        answer = await client.post("/sleep", params={"level": "1"})
+        assert answer.status == 500
+        assert fake.crashed is not None
+        assert "1 request(s) in flight" in fake.crashed
+        await running
+
+
+async def test_vllm_sleep_endpoints_need_dev_mode(gpus: SimulatedGPUs) -> None:
+    fake = FakeVLLM(gpus, "pid:9:vllm:1", "0", "m", 0.1, sleep_mode=True, dev_mode=False)
+    fake.allocate()
+    async with serving(fake.app()) as client:
+        for method, path in (("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping")):
+            assert (await client.request(method, path)).status == 404
+        assert await (await client.get("/version")).json() == {"version": "0.11.0"}
+
+
+async def test_vllm_streams_server_sent_events(gpus: SimulatedGPUs) -> None:
+    async with serving(fake_vllm_server(gpus, sleep_mode=False).app()) as client:
+        for path, body in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
+        ):
+            answer = await client.post(path, json={**body, "stream": True})
+            assert answer.status == 200
+            assert answer.headers["Content-Type"].startswith("text/event-stream")
+            events = [
+                line.removeprefix("data: ")
+                for line in (await answer.text()).split("\n\n")
+                if line.strip()
+            ]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(event) for event in events[:-1]]
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            assert len(chunks) > 1
+
+
+def test_vllm_refuses_unknown_flags_like_vllm(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        fake_vllm.main(["serve", "m", "--no-such-flag"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_vllm_reads_cuda_visible_devices_as_integers() -> None:
+    assert fake_vllm.visible_device({"CUDA_VISIBLE_DEVICES": "1,0"}) == "1"
+    assert fake_vllm.visible_device({}) == "0"
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        fake_vllm.visible_device({"CUDA_VISIBLE_DEVICES": "GPU-4751ef7d-dc84-5eb3"})
+
+
+def test_vllm_fake_download_leaves_a_model_in_the_hub_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"HF_HOME": str(tmp_path)}
+    assert fake_vllm.download("Qwen/Qwen2.5-0.5B-Instruct", env) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-2]["completedBytes"] == lines[-2]["totalBytes"] > 0
+    snapshot = Path(lines[-1]["path"])
+    assert (snapshot / "model.safetensors").is_file()
+    assert snapshot.parent.parent / "refs" / "main" == (
+        tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct" / "refs" / "main"
+    )
+    assert fake_vllm.download("missing/model", env) == 1
+    assert "RepositoryNotFoundError" in capsys.readouterr().err
+
+
         assert (await chat.json())["choices"][0]["finish_reason"] == "stop"
         wrong = await client.post("/v1/completions", json={"model": "other", "prompt": "x"})
         assert wrong.status == 404
@@ -553,7 +636,7 @@ def test_vllm_main_frees_stale_memory_and_reports_failed_start(
         port = probe.getsockname()[1]
     gpus.allocate(0, f"pid:1:vllm:{port}", 20 * GIB)  # left by a killed predecessor
     monkeypatch.setenv("VRAM_SIM_GPU_STATE", str(state))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus.device(0).uuid)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("VRAM_SIM_VLLM_FAIL", "1")
     argv = [
         "serve",

@@ -644,3 +644,153 @@ def _format_count(parameters: int) -> str:
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+# --- vLLM: the budget --gpu-memory-utilization is derived from --------------------------------
+
+VLLM_MAX_NUM_BATCHED_TOKENS = 8192
+"""`vllm serve`'s default --max-num-batched-tokens on GPUs of 70 GiB and more (2048 below);
+vLLM 0.11.0 engine/arg_utils.py, EngineArgs._set_default_args, OPENAI_API_SERVER context. The
+larger figure is taken: the estimate is made before a GPU is chosen."""
+
+VLLM_MAX_NUM_SEQS = 1024
+"""`vllm serve`'s default --max-num-seqs on GPUs of 70 GiB and more (256 below); same source."""
+
+VLLM_NON_TORCH_BYTES = 128 * 2**20
+"""Memory the profiling run adds outside PyTorch's allocator (cuBLAS workspaces, NCCL buffers):
+vLLM 0.11.0 v1/worker/gpu_worker.py counts it in the budget (`non_torch_increase`)."""
+
+_SAMPLER_COPIES = 2
+"""The dummy sampler run holds the logits and their probabilities, both float32."""
+
+
+@dataclass(frozen=True)
+class VLLMSizes:
+    """What sizes a `vllm serve` budget besides the weights: its scheduler limits."""
+
+    max_model_len: int | None = None
+    """--max-model-len; None means the model's max_position_embeddings, vLLM's default."""
+    max_num_batched_tokens: int = VLLM_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = VLLM_MAX_NUM_SEQS
+
+
+def vllm_sizes_from_args(args: Iterable[str]) -> VLLMSizes:
+    """The limits `vllm serve` will run with, from its arguments (`--flag=N` or `--flag N`)."""
+    values: dict[str, int] = {}
+    items = list(args)
+    for index, arg in enumerate(items):
+        flag, sep, value = arg.partition("=")
+        if flag not in ("--max-model-len", "--max-num-batched-tokens", "--max-num-seqs"):
+            continue
+        if not sep and index + 1 < len(items):
+            value = items[index + 1]
+        if value.isdigit() and int(value) > 0:
+            values[flag] = int(value)
+    return VLLMSizes(
+        max_model_len=values.get("--max-model-len"),
+        max_num_batched_tokens=values.get("--max-num-batched-tokens", VLLM_MAX_NUM_BATCHED_TOKENS),
+        max_num_seqs=values.get("--max-num-seqs", VLLM_MAX_NUM_SEQS),
+    )
+
+
+def vllm_activation_bytes(config: Mapping[str, Any], sizes: VLLMSizes) -> int | None:
+    """vLLM's profiled activation peak (`torch_peak_increase`), from a config.json.
+
+    vLLM 0.11.0 v1/worker/gpu_model_runner.py `profile_run` runs the model once on
+    max_num_batched_tokens dummy tokens, then samples min(max_num_batched_tokens, max_num_seqs)
+    rows of logits. The peak of the forward pass is one decoder layer's live tensors per token:
+    the residual and hidden states (2 x hidden) plus the larger of attention's q/k/v and output
+    projections and the MLP's gate/up output with its activation (3 x intermediate; for a
+    mixture of experts, the routed experts' share). The sampler holds float32 logits and
+    probabilities over the vocabulary. None when config.json lacks the sizes.
+    """
+    if isinstance(config.get("text_config"), dict):
+        config = {**config, **config["text_config"]}
+
+    def number(name: str) -> int | None:
+        value = config.get(name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return value if ok else None
+
+    hidden = number("hidden_size")
+    heads = number("num_attention_heads")
+    vocab = number("vocab_size")
+    if hidden is None or heads is None or vocab is None:
+        return None
+    kv_heads = number("num_key_value_heads") or heads
+    head_dim = number("head_dim") or hidden // heads
+    intermediate = number("intermediate_size") or 4 * hidden
+    experts_per_token = number("num_experts_per_tok")
+    moe_intermediate = number("moe_intermediate_size")
+    if experts_per_token and moe_intermediate:
+        intermediate = max(intermediate, experts_per_token * moe_intermediate)
+    element = 4 if str(config.get("torch_dtype", config.get("dtype", ""))) == "float32" else 2
+    attention = (heads + 2 * kv_heads) * head_dim + heads * head_dim
+    per_token = 2 * hidden + max(attention, 3 * intermediate)
+    tokens = sizes.max_num_batched_tokens
+    forward = tokens * per_token * element
+    rows = min(tokens, sizes.max_num_seqs)
+    sampler = rows * vocab * 4 * _SAMPLER_COPIES
+    return forward + sampler + VLLM_NON_TORCH_BYTES
+
+
+def vllm_estimate_path(path: str | Path, sizes: VLLMSizes | None = None) -> Estimate:
+    """The VRAM *budget* of a model under `vllm serve`: weights + KV cache + activation peak.
+
+    This is the figure --gpu-memory-utilization is derived from (spec.vram for vLLM); the
+    per-instance CUDA context and CUDA-graph pool outside it are added by the accounting rule
+    in `vram_operator.api.budget`, never here. The KV cache holds one sequence of
+    max_model_len tokens (vLLM refuses to start otherwise); the activation peak is the one
+    vLLM profiles for max_num_batched_tokens (`vllm_activation_bytes`).
+
+    GGUF files and unreadable headers fall back to `estimate_path` (its fixed overhead stands
+    in for the activation peak there). Raises OSError only when the path cannot be read.
+    """
+    sizes = sizes or VLLMSizes()
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    is_safetensors = (
+        (path / _SAFETENSORS_INDEX).is_file() or any(path.glob("*.safetensors"))
+        if path.is_dir()
+        else path.suffix == ".safetensors"
+    )
+    if not is_safetensors:
+        return estimate_path(path, sizes.max_model_len)
+    try:
+        shards = _safetensors_shards(path) if path.is_dir() else [path]
+        parameters = 0
+        weights = 0
+        for shard in shards:
+            shard_parameters, shard_bytes = read_safetensors_header(shard)
+            parameters += shard_parameters
+            weights += shard_bytes
+    except ValueError as exc:
+        return from_file_size(path, f"header unreadable: {exc}")
+    config_path = directory / "config.json"
+    kv, context_note = _kv_cache_from_config(config_path, sizes.max_model_len)
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    activation = vllm_activation_bytes(config, sizes) if isinstance(config, dict) else None
+    parts = [
+        f"{_format_count(parameters)} parameters in {len(shards)} file(s): "
+        f"weights {format_bytes(weights)}",
+        f"KV cache {format_bytes(kv)} at {context_note}"
+        if kv is not None
+        else f"KV cache unknown ({context_note})",
+    ]
+    if activation is None:
+        activation = OVERHEAD_BYTES
+        parts.append(f"activation peak unknown (config.json), {format_bytes(activation)} assumed")
+    else:
+        parts.append(
+            f"activation peak {format_bytes(activation)} for {sizes.max_num_batched_tokens} "
+            f"batched tokens and {sizes.max_num_seqs} sequences"
+        )
+    return Estimate(
+        bytes=weights + (kv or 0) + activation,
+        method="safetensors-header",
+        detail=", ".join(parts) + " (the vLLM budget; the instance overhead is added apart)",
+        parameters=parameters,
+    )

@@ -1,23 +1,42 @@
-"""A fake `vllm serve`: vLLM's OpenAI server endpoints over the simulated GPU.
+"""A fake `vllm serve`: vLLM 0.11.0's OpenAI server endpoints over the simulated GPU.
 
 The vLLM supervisor starts it instead of `vllm serve` when told to, with the same arguments:
 `python -m vram_operator.simulation.fake_vllm serve MODEL --port P --host H
---gpu-memory-utilization F [--enable-sleep-mode] [--served-model-name N] [--max-model-len L]`;
-other vLLM arguments are accepted and ignored. The simulated GPU comes from the environment:
-`VRAM_SIM_GPU_STATE` (the state file) and `CUDA_VISIBLE_DEVICES` (its first entry, a UUID or an
-index; 0 when unset).
+--gpu-memory-utilization F [--enable-sleep-mode] [--served-model-name N] [--max-model-len L]`
+and the other `vllm serve` flags in `_VALUE_FLAGS` / `_SWITCHES`. Every behaviour below follows
+vLLM 0.11.0 (the version the chart pins), file named beside it:
 
-Like vLLM it takes F x the GPU's total memory at start, before it listens, and exits with 1 and
-an out-of-memory message on stderr when that does not fit. Once ready it prints
-`listening on http://HOST:PORT` as its first stdout line and serves /health, /version,
-/v1/models, /v1/completions, /v1/chat/completions (short canned replies; no streaming) and
-/metrics with vLLM's metric names. With --enable-sleep-mode it also serves /sleep?level=1 (all
-but a small residual of its memory goes back to the GPU), /wake_up and /is_sleeping; without it
-those paths do not exist (404).
+- Arguments: an unknown flag ends the process with argparse's usage message and exit code 2
+  (vllm/entrypoints/cli/main.py calls `parser.parse_args()`, not parse_known_args).
+- Device: the simulated GPU comes from `VRAM_SIM_GPU_STATE` (the state file) and
+  `CUDA_VISIBLE_DEVICES`, whose entries must be integer indices
+  (vllm/platforms/interface.py, `device_id_to_physical_device_id`, does `int()` on each entry;
+  a GPU UUID ends the start with ValueError, vLLM issues #20939, #13815). Index i names the
+  i-th device of the state file, as the container sees its devices.
+- Memory: F x the GPU's total memory (the budget) plus the instance overhead outside it
+  (vllm/v1/worker/gpu_worker.py), taken before it listens; exit 1 with an out-of-memory
+  message on stderr when that does not fit.
+- Once ready it prints `listening on http://HOST:PORT` as its first stdout line and serves
+  /health, /version (`{"version": "0.11.0"}`), /v1/models, /v1/completions,
+  /v1/chat/completions (short canned replies; `"stream": true` answers text/event-stream
+  chunks ending with `data: [DONE]`, vllm/entrypoints/openai/serving_chat.py and
+  serving_completion.py) and /metrics with vLLM's metric names.
+- /sleep?level=1, /wake_up and /is_sleeping exist only with VLLM_SERVER_DEV_MODE=1
+  (vllm/entrypoints/openai/api_server.py registers them under `if envs.VLLM_SERVER_DEV_MODE`);
+  sleeping returns all but a small residual of the memory (needs --enable-sleep-mode).
+- Crashes: vLLM 0.11 has no guard for /sleep while requests run, nor for a request sent to a
+  sleeping engine: the engine core dies and the server exits (vLLM issues #28714, #15483,
+  #45520). The fake does the same: it prints an EngineDeadError and exits with 1.
 
 Switches, from the environment: VRAM_SIM_VLLM_STARTUP_SECONDS (time to start, holding the
 memory, before it listens), VRAM_SIM_VLLM_REQUEST_SECONDS (time each completion takes) and
 VRAM_SIM_VLLM_FAIL=1 (engine start-up fails after the start-up time, exit 1).
+
+`python -m vram_operator.simulation.fake_vllm download MODEL` stands in for the supervisor's
+download command (`vram_operator.node_agent.vllm_download`): after
+VRAM_SIM_VLLM_DOWNLOAD_SECONDS it leaves a small safetensors model with a config.json in the
+Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub), printing the same JSON progress lines.
+A model named `missing/...` fails as a repository that does not exist.
 
 SIGTERM or SIGINT frees its memory. At start it frees what an earlier process on the same port
 left (one killed with SIGKILL): a real GPU returns a dead process's memory.
@@ -29,13 +48,17 @@ import argparse
 import asyncio
 import contextlib
 import glob
+import hashlib
+import json
 import math
 import os
 import socket
+import struct
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -52,8 +75,8 @@ from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from .fake_ollama import bind, serve, stop_on_signals
 from .gpu import SimulatedGPUs, SimulatedOutOfMemory, UnknownGPU
 
-VERSION = "0.10.1"
-"""The vLLM version it reports."""
+VERSION = "0.11.0"
+"""The vLLM version it reports (vllm/version.py of the pinned release)."""
 
 SLEEP_RESIDUAL = 0.05
 """Share of its budget a sleeping server keeps besides its context (allocator pools)."""
@@ -89,6 +112,8 @@ class FakeVLLM:
         max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         sleep_mode: bool = False,
         request_seconds: float = 0.0,
+        dev_mode: bool = False,
+        on_crash: Callable[[str], None] | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
@@ -102,6 +127,10 @@ class FakeVLLM:
         self.max_model_len = max_model_len
         self.sleep_mode = sleep_mode
         self.request_seconds = request_seconds
+        self.dev_mode = dev_mode
+        self.crashed: str | None = None
+        """Why the engine died, once it has (see `crash`)."""
+        self._on_crash = on_crash
         # The budget vLLM profiles within, plus the CUDA context and CUDA-graph pool that sit
         # outside it (vLLM 0.11.0 v1/worker/gpu_worker.py); the accounting rule in
         # vram_operator.api.budget charges the same.
@@ -170,12 +199,24 @@ class FakeVLLM:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/metrics", self._metrics)
-        if self.sleep_mode:
+        if self.dev_mode:  # vllm/entrypoints/openai/api_server.py: only with VLLM_SERVER_DEV_MODE
             app.router.add_post("/sleep", self._sleep)
             app.router.add_post("/wake_up", self._wake_up)
             app.router.add_get("/is_sleeping", self._is_sleeping)
         app.cleanup_ctx.append(self._lifetime)
         return app
+
+    def crash(self, why: str) -> web.Response:
+        """The engine core dies, as vLLM 0.11's does: the process exits (through `on_crash`,
+        which `main` makes an exit with status 1); in-process, a 500 and `crashed` set."""
+        message = (
+            "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
+            f"See stack trace (above) for the root cause. ({why})"
+        )
+        self.crashed = message
+        if self._on_crash is not None:
+            self._on_crash(message)
+        return _openai_error(message, "InternalServerError", 500)
 
     async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
         yield
@@ -210,12 +251,14 @@ class FakeVLLM:
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    async def _completions(self, request: web.Request) -> web.Response:
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
         body, failure = await self._request(request)
         if failure is not None:
             return failure
         prompt = body.get("prompt", "")
         text_in = " ".join(prompt) if isinstance(prompt, list) else str(prompt)
+        if body.get("stream"):
+            return await self._stream(request, "text_completion", text_in, body.get("max_tokens"))
         text, reason, usage = await self._generate(text_in, body.get("max_tokens"))
         return web.json_response(
             {
@@ -228,7 +271,7 @@ class FakeVLLM:
             }
         )
 
-    async def _chat_completions(self, request: web.Request) -> web.Response:
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         body, failure = await self._request(request)
         if failure is not None:
             return failure
@@ -237,6 +280,8 @@ class FakeVLLM:
             return _openai_error("messages must be a list", "BadRequestError", 400)
         text_in = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if body.get("stream"):
+            return await self._stream(request, "chat.completion.chunk", text_in, limit)
         text, reason, usage = await self._generate(text_in, limit)
         return web.json_response(
             {
@@ -266,27 +311,67 @@ class FakeVLLM:
         if body.get("model") not in (None, self.served_model_name):
             message = f"The model `{body.get('model')}` does not exist."
             return body, _openai_error(message, "NotFoundError", 404)
-        if body.get("stream"):
-            message = "streaming is not simulated; send stream: false"
-            return body, _openai_error(message, "BadRequestError", 400)
         if self.sleeping:
-            message = "the engine is sleeping; POST /wake_up first"
-            return body, _openai_error(message, "ServiceUnavailableError", 503)
+            # vLLM 0.11 forwards the request to the sleeping engine, which dies (#15483).
+            return body, self.crash("a request reached the engine while it was sleeping")
         return body, None
+
+    def _reply(self, max_tokens: Any) -> tuple[list[str], str]:
+        """The canned reply's words, cut to max_tokens, and the finish reason."""
+        words = f"This is a simulated reply from {self.served_model_name}.".split(" ")
+        limit = DEFAULT_MAX_TOKENS if max_tokens is None else max(int(max_tokens), 0)
+        reason = "length" if limit < len(words) else "stop"
+        return words[:limit], reason
+
+    async def _stream(
+        self, request: web.Request, kind: str, prompt: str, max_tokens: Any
+    ) -> web.StreamResponse:
+        """Server-sent events, one chunk per word, then `data: [DONE]`, as vLLM streams
+        (vllm/entrypoints/openai/serving_chat.py, serving_completion.py)."""
+        words, reason = self._reply(max_tokens)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+        self._count_running(+1)
+        try:
+            for index, word in enumerate(words):
+                text = word if index == 0 else f" {word}"
+                last = index == len(words) - 1
+                if kind.startswith("chat"):
+                    choice: Json = {"index": 0, "delta": {"content": text}}
+                else:
+                    choice = {"index": 0, "text": text, "logprobs": None}
+                choice["finish_reason"] = reason if last else None
+                chunk = {
+                    "id": chunk_id,
+                    "object": kind,
+                    "created": int(time.time()),
+                    "model": self.served_model_name,
+                    "choices": [choice],
+                }
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await asyncio.sleep(self.request_seconds / max(len(words), 1))
+            await response.write(b"data: [DONE]\n\n")
+        finally:
+            self._count_running(-1)
+        self._count_finished(prompt, words, reason)
+        await response.write_eof()
+        return response
 
     async def _generate(self, prompt: str, max_tokens: Any) -> tuple[str, str, Json]:
         """A canned reply, cut to max_tokens, counted in the metrics as vLLM counts."""
-        name = self.served_model_name
-        words = f"This is a simulated reply from {name}.".split(" ")
-        limit = DEFAULT_MAX_TOKENS if max_tokens is None else max(int(max_tokens), 0)
-        reason = "length" if limit < len(words) else "stop"
-        words = words[:limit]
-        prompt_tokens = max(len(prompt.split()), 1)
+        words, reason = self._reply(max_tokens)
         self._count_running(+1)
         try:
             await asyncio.sleep(self.request_seconds)
         finally:
             self._count_running(-1)
+        return " ".join(words), reason, self._count_finished(prompt, words, reason)
+
+    def _count_finished(self, prompt: str, words: list[str], reason: str) -> Json:
+        """Count a finished request in the metrics; its usage block."""
+        name = self.served_model_name
+        prompt_tokens = max(len(prompt.split()), 1)
         self._success.labels(reason, name).inc()
         self._prompt_tokens.labels(name).inc(prompt_tokens)
         self._generation_tokens.labels(name).inc(len(words))
@@ -295,7 +380,7 @@ class FakeVLLM:
             "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words),
         }
-        return " ".join(words), reason, usage
+        return usage
 
     def _count_running(self, change: int) -> None:
         """Requests in flight, and a KV-cache usage that grows with them."""
@@ -309,6 +394,12 @@ class FakeVLLM:
         level = request.query.get("level", "1")
         if level not in ("1", "2"):
             return _openai_error(f"sleep level must be 1 or 2, got {level}", "BadRequestError", 400)
+        if not self.sleep_mode:
+            message = "Sleep mode is not enabled; start the server with --enable-sleep-mode"
+            return _openai_error(message, "InternalServerError", 500)
+        if self._in_flight:
+            # vLLM 0.11 sleeps the engine under running requests, which kills it (#28714).
+            return self.crash(f"/sleep with {self._in_flight} request(s) in flight")
         if not self.sleeping:
             # Level 1 offloads the weights and drops the KV cache; the context stays.
             residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(self.budget_bytes * SLEEP_RESIDUAL)
@@ -329,6 +420,50 @@ class FakeVLLM:
         return web.json_response({"is_sleeping": self.sleeping})
 
 
+_VALUE_FLAGS = (
+    "--dtype",
+    "--tokenizer",
+    "--revision",
+    "--download-dir",
+    "--load-format",
+    "--quantization",
+    "--kv-cache-dtype",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--block-size",
+    "--swap-space",
+    "--cpu-offload-gb",
+    "--seed",
+    "--max-logprobs",
+    "--generation-config",
+    "--chat-template",
+    "--api-key",
+    "--uvicorn-log-level",
+    "--limit-mm-per-prompt",
+    "--tool-call-parser",
+    "--reasoning-parser",
+    "--compilation-config",
+)
+"""`vllm serve` flags taking one value that the fake accepts and ignores (vLLM 0.11.0
+engine/arg_utils.py, entrypoints/openai/cli_args.py)."""
+
+_SWITCHES = (
+    "--trust-remote-code",
+    "--enforce-eager",
+    "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
+    "--enable-chunked-prefill",
+    "--no-enable-chunked-prefill",
+    "--disable-log-stats",
+    "--disable-uvicorn-access-log",
+    "--enable-auto-tool-choice",
+    "--disable-custom-all-reduce",
+)
+"""`vllm serve` switches the fake accepts and ignores (same sources)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vram_operator.simulation.fake_vllm",
@@ -343,6 +478,12 @@ def _parser() -> argparse.ArgumentParser:
     serve_command.add_argument("--enable-sleep-mode", action="store_true")
     serve_command.add_argument("--served-model-name", nargs="+")
     serve_command.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    for flag in _VALUE_FLAGS:
+        serve_command.add_argument(flag)
+    for flag in _SWITCHES:
+        serve_command.add_argument(flag, action="store_true")
+    download = commands.add_parser("download", help="put a small model in the HF cache")
+    download.add_argument("model")
     return parser
 
 
@@ -369,16 +510,34 @@ async def _run(fake: FakeVLLM, sock: socket.socket, startup_seconds: float, fail
     return 0
 
 
+def visible_device(environment: Mapping[str, str]) -> str:
+    """The device CUDA_VISIBLE_DEVICES gives the server, as vLLM 0.11 reads it: each entry
+    parsed with int() (vllm/platforms/interface.py); ValueError for a UUID. Unset means 0."""
+    text = environment.get("CUDA_VISIBLE_DEVICES")
+    if text is None or not text.strip():
+        return "0"
+    first = text.split(",")[0].strip()
+    return str(int(first))  # int() raises ValueError exactly where vLLM's does
+
+
+def _exit_now(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)  # the engine is gone; main's finally frees the memory first via on_crash
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run like `vllm serve` until SIGTERM or SIGINT; 1 when start-up fails."""
-    args, _ignored = _parser().parse_known_args(argv)
+    """Run like `vllm serve` until SIGTERM or SIGINT; 1 when start-up fails, 2 for bad flags."""
+    args = _parser().parse_args(argv)
+    if args.command == "download":
+        return download(args.model)
     state = os.environ.get("VRAM_SIM_GPU_STATE")
     if not state:
         print("fake vllm: VRAM_SIM_GPU_STATE must name the simulated GPU state", file=sys.stderr)
         return 1
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    if not visible:
-        print("RuntimeError: No CUDA GPUs are available", file=sys.stderr)
+    try:
+        visible = visible_device(os.environ)
+    except ValueError as err:
+        print(f"ValueError: {err}", file=sys.stderr)
         return 1
     try:
         sock = bind(args.host, args.port)
@@ -387,6 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     port = sock.getsockname()[1]
     gpus = SimulatedGPUs(state)
+    fake: FakeVLLM | None = None
+
+    def crash(message: str) -> None:
+        if fake is not None:
+            fake.release()  # a real GPU frees a dead process's memory
+        _exit_now(message)
+
     try:
         # No live process can hold this port now, so what is recorded under it is stale.
         gpus.release(f"pid:*:vllm:{port}")
@@ -400,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_model_len=args.max_model_len,
             sleep_mode=args.enable_sleep_mode,
             request_seconds=_seconds("VRAM_SIM_VLLM_REQUEST_SECONDS"),
+            dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+            on_crash=crash,
         )
         fake.allocate()
     except SimulatedOutOfMemory as err:
@@ -422,6 +590,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         fake.release()
         sock.close()
+
+
+# --- download ---------------------------------------------------------------------------------
+
+FAKE_CONFIG: Json = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 4096,
+    "vocab_size": 1000,
+    "torch_dtype": "bfloat16",
+}
+"""The config.json of every downloaded fake model: a tiny Qwen2-shaped transformer."""
+
+
+def hub_cache(environment: Mapping[str, str]) -> Path:
+    """Where Hugging Face keeps downloads: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface."""
+    if environment.get("HF_HUB_CACHE"):
+        return Path(environment["HF_HUB_CACHE"])
+    home = environment.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return Path(home) / "hub"
+
+
+def download(model: str, environment: Mapping[str, str] | None = None) -> int:
+    """Leave `model` in the Hugging Face cache's layout (models--org--name/refs/main,
+    snapshots/<revision>/...), printing `{"completedBytes", "totalBytes"}` lines, then
+    `{"path"}`; 1 with the hub's message for a model under `missing/`."""
+    environment = os.environ if environment is None else environment
+    if model.startswith("missing/"):
+        print(
+            f"huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. "
+            f"Repository Not Found for url: https://huggingface.co/api/models/{model}",
+            file=sys.stderr,
+        )
+        return 1
+    weights = 1000 * 64 * 2
+    header = {
+        "model.embed_tokens.weight": {
+            "dtype": "BF16",
+            "shape": [1000, 64],
+            "data_offsets": [0, weights],
+        }
+    }
+    raw = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(raw)) + raw + b"\0" * weights
+    total = len(blob)
+    seconds = _seconds("VRAM_SIM_VLLM_DOWNLOAD_SECONDS")
+    steps = 4
+    for step in range(steps):
+        print(
+            json.dumps({"completedBytes": total * step // steps, "totalBytes": total}), flush=True
+        )
+        time.sleep(seconds / steps)
+    revision = hashlib.sha1(model.encode()).hexdigest()
+    repo = hub_cache(environment) / ("models--" + model.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").write_text(json.dumps(FAKE_CONFIG))
+    (snapshot / "model.safetensors").write_bytes(blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    print(json.dumps({"completedBytes": total, "totalBytes": total}), flush=True)
+    print(json.dumps({"path": str(snapshot)}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

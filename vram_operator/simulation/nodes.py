@@ -121,7 +121,12 @@ class SimulatedNode:
         self.vllm = vllm
         self.vllm_ports = vllm_ports
         self.gpu_state = self.dir / "gpus.json"
-        self.env = {**os.environ, "VRAM_SIM_GPU_STATE": str(self.gpu_state)}
+        self.env = {
+            **os.environ,
+            "VRAM_SIM_GPU_STATE": str(self.gpu_state),
+            # The node's own Hugging Face cache, where the fake downloads put model files.
+            "HF_HOME": str(self.dir / "huggingface"),
+        }
         self.ollama_url = f"http://127.0.0.1:{free_port()}"
         self.supervisor_url = ""
         self.metrics_port = free_port()
@@ -154,6 +159,12 @@ class SimulatedNode:
                     command,
                     "--port-range",
                     self.vllm_ports,
+                    "--simulate-gpus",
+                    str(self.gpu_state),
+                    "--download-command",
+                    f"{shlex.quote(sys.executable)} -m vram_operator.simulation.fake_vllm download",
+                    "--serve-port",
+                    str(free_port()),
                 ],
                 self.dir / "vllm-supervisor.log",
                 self.env,

@@ -70,6 +70,9 @@ class ResidentInfo:
     expires_at: dt.datetime | None = None
     message: str | None = None
     """Why it failed, for a model in state Failed."""
+    endpoint: str | None = None
+    """Where clients reach the model from outside the pod, where the backend says (vLLM:
+    `http://POD_IP:PORT/{key}`, its OpenAI base URL being that + /v1); None if unknown."""
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,24 @@
 """vLLM through our supervisor in the vLLM sidecar (see vllm_supervisor for its HTTP API).
 
+- pull: POST /downloads fetches the model's files into the sidecar's Hugging Face cache, and
+  this client polls GET /downloads until they are all there, reporting the bytes as progress.
+  A load then starts from local files, so a large download never runs into the start-up
+  timeout, and /estimate can read the headers.
 - load: PUT /models/{key} starts a `vllm serve` sized to the model's VRAM budget, then this
   client polls GET /models/{key} until it serves, fails (with vLLM's last output as the
-  message) or the load timeout passes. vLLM downloads weights itself while starting, so
-  `pull` has nothing to do beforehand.
-- park/wake: vLLM sleep level 1 (weights to host RAM, KV cache dropped) and /wake_up.
-- residency: GET /models; the VRAM of a model is its budget, which vLLM preallocates whole.
+  message) or the load timeout passes.
+- park/wake: vLLM sleep level 1 (weights to host RAM, KV cache dropped) and /wake_up; the
+  supervisor drains the model's requests before it sleeps.
+- residency: GET /models; the VRAM of a model is what its processes hold on the GPU where the
+  supervisor can measure it, else the accounting rule's footprint; `endpoint` is where
+  clients reach it.
 - last access: from each running server's Prometheus /metrics. A change in the count of
   finished requests (vllm:request_success_total), or any request running or waiting, means the
   model was used since the last listing, and its last access becomes now. A model seen for the
   first time counts as accessed then.
 - estimate: GET /estimate reads the model's safetensors or GGUF headers where its files are,
-  in the vLLM container.
+  in the vLLM container: the budget (weights + KV cache for --max-model-len + activation peak
+  for --max-num-batched-tokens), without the per-instance overhead.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 from urllib.parse import quote, urlencode
 
@@ -28,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from vram_operator.api import Backend, BackendHealth, ModelState
-from vram_operator.node_agent.estimate import Estimate
+from vram_operator.node_agent.estimate import Estimate, vllm_sizes_from_args
 
 from .base import (
     AiohttpTransport,
@@ -49,8 +56,17 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8900"
 LOAD_TIMEOUT = 900.0
 """Seconds a load may take; above the supervisor's own start-up timeout (600 s by default)."""
-SLEEP_TIMEOUT = 300.0
-"""Seconds parking or waking may take: copying tens of GiB between host and GPU."""
+SLEEP_TIMEOUT = 420.0
+"""Seconds parking or waking may take: draining requests (the supervisor's --drain-timeout)
+and copying tens of GiB between host and GPU."""
+PULL_STALL_TIMEOUT = 600.0
+"""Seconds a download may go without progress before the pull fails (retryably)."""
+_PERMANENT_DOWNLOAD_ERRORS = (
+    "RepositoryNotFoundError",
+    "GatedRepoError",
+    "RevisionNotFoundError",
+    "does not exist",
+)
 METRICS_TIMEOUT = 5.0
 
 _STATES = {
@@ -80,10 +96,20 @@ class _Entry(_Shape):
     gpu_uuid: str | None = None
     vram_bytes: int | None = Field(default=None, ge=0)
     message: str | None = None
+    endpoint: str | None = None
 
 
 class _Entries(_Shape):
     models: list[_Entry]
+
+
+class _Download(_Shape):
+    model: str
+    state: Literal["downloading", "done", "failed"]
+    completed_bytes: int = Field(default=0, ge=0)
+    total_bytes: int | None = None
+    percent: int = Field(default=0, ge=0, le=100)
+    message: str | None = None
 
 
 class _Estimate(_Shape):
@@ -195,10 +221,43 @@ class VLLMBackend:
             state=_STATES[entry.state],
             last_access=last_access,
             message=entry.message,
+            endpoint=entry.endpoint,
         )
 
     async def pull(self, model: str, on_progress: ProgressCallback) -> None:
-        """Nothing to fetch ahead: `vllm serve` downloads the weights while it starts."""
+        """Fetch the model's files into the sidecar; returns once all are there."""
+        context = f"vllm pull {model}"
+        try:
+            answer = await self._api.call("POST", "/downloads", {"model": model})
+        except BackendError as err:
+            if err.status == 404 and "/downloads" in err.context:
+                on_progress(100)  # a supervisor without downloads: vllm serve fetches them
+                return
+            raise
+        job = parse_as(_Download, answer, context)
+        loop = asyncio.get_running_loop()
+        shown = 0
+        progress_at = loop.time()
+        last_bytes = job.completed_bytes
+        while job.state == "downloading":
+            if job.percent > shown:
+                shown = job.percent
+                on_progress(shown)
+            if job.completed_bytes != last_bytes:
+                last_bytes, progress_at = job.completed_bytes, loop.time()
+            elif loop.time() - progress_at > PULL_STALL_TIMEOUT:
+                raise BackendError(
+                    f"no download progress for {PULL_STALL_TIMEOUT:g}s",
+                    retryable=True,
+                    context=context,
+                )
+            await asyncio.sleep(self._poll_interval)
+            answer = await self._api.call("GET", f"/downloads?{urlencode({'model': model})}")
+            job = parse_as(_Download, answer, context)
+        if job.state == "failed":
+            message = job.message or "the download failed"
+            permanent = any(mark in message for mark in _PERMANENT_DOWNLOAD_ERRORS)
+            raise BackendError(message, retryable=not permanent, context=context)
         on_progress(100)
 
     async def load(self, request: LoadRequest) -> ResidentInfo:
@@ -252,11 +311,19 @@ class VLLMBackend:
     async def wake(self, key: str, model: str) -> None:
         await self._api.call("POST", self._path(key, "/wake_up"), time_limit=SLEEP_TIMEOUT)
 
-    async def estimate(self, model: str, context_length: int | None = None) -> Estimate | None:
-        """From the model's file headers in the vLLM container; None when they are not there."""
+    async def estimate(
+        self, model: str, context_length: int | None = None, *, args: Sequence[str] = ()
+    ) -> Estimate | None:
+        """The model's vLLM budget from its file headers in the vLLM container; None when
+        they are not there. `context_length` (else --max-model-len in `args`) sizes the KV
+        cache, --max-num-batched-tokens and --max-num-seqs in `args` the activation peak."""
+        sizes = vllm_sizes_from_args(args)
         query: dict[str, str | int] = {"model": model}
-        if context_length is not None:
-            query["contextLength"] = context_length
+        context = context_length if context_length is not None else sizes.max_model_len
+        if context is not None:
+            query["contextLength"] = context
+        query["maxNumBatchedTokens"] = sizes.max_num_batched_tokens
+        query["maxNumSeqs"] = sizes.max_num_seqs
         try:
             answer = await self._api.call("GET", f"/estimate?{urlencode(query)}")
         except BackendError as err:
