@@ -21,7 +21,13 @@ from vram_operator.api import (
     SpecError,
     parse_spec,
 )
-from vram_operator.operator.folding import MESSAGE_LIMIT, Event, events_between, fold_status
+from vram_operator.operator.folding import (
+    MESSAGE_LIMIT,
+    Event,
+    events_between,
+    fold_deleting,
+    fold_status,
+)
 from vram_operator.operator.placement import PendingReason
 
 pytestmark = pytest.mark.unit
@@ -470,3 +476,20 @@ def test_an_invalid_spec_is_one_warning() -> None:
     assert events_between(None, status) == [
         Event("Warning", "InvalidSpec", "spec.replicas: must be at most 64")
     ]
+
+
+def test_a_deleting_model_is_never_ready_and_shows_what_is_still_unloading() -> None:
+    ready = fold(reports={"a": LOADED_A, "b": LOADED_B})
+    assert ready.ready_replicas == 2
+    unloading = report(ModelState.UNLOADING, vram=5 * GI, gpu_uuid="GPU-a")
+    status = fold_deleting(generation=3, holding={"a": unloading}, previous=ready, now=T1)
+    assert summary(status) == {
+        kind: ("False", "Deleting") for kind in ("Scheduled", "Loaded", "Ready")
+    }
+    assert status.ready_replicas == 0
+    assert status.ready == "0/2"
+    assert [(p.node, p.state) for p in status.placements] == [("a", ModelState.UNLOADING)]
+    assert "waiting for a to unload" in condition(status, "Ready").message
+    done = fold_deleting(generation=3, holding={}, previous=status, now=T1)
+    assert done.placements == []
+    assert condition(done, "Ready").message == "deleting"

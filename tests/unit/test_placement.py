@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 import sys
 import threading
@@ -22,6 +23,7 @@ from vram_operator.api import (
     Priority,
     ResidentModel,
 )
+from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES, footprint_bytes, reserve_bytes
 from vram_operator.api.modeldeployment import Toleration
 from vram_operator.operator.placement import (
     Choice,
@@ -926,3 +928,69 @@ def test_the_strategy_picks_the_fullest_or_emptiest_fitting_gpu(
     (choice,) = decision.chosen
     best = max(left.values()) if spread else min(left.values())
     assert left[(choice.node, choice.gpu_uuid)] == best
+
+
+# --- one budget: the accounting rule the agent loads by ---------------------------------------
+
+
+def test_a_vllm_replica_is_charged_its_rounded_utilization_and_instance_overhead() -> None:
+    """The reproduction of the over-promise: four 576Mi vLLM models and one 79360Mi Ollama model
+    on one 80Gi GPU. Charged at 576Mi each they all 'fit'; by the rule the agent loads by (the
+    utilization rounded up to 0.1% and the instance overhead), one of them cannot."""
+    mib = 2**20
+    view = node("a", gpu("g", 80))
+    view = NodeView(
+        name=view.name,
+        heartbeat=NOW,
+        gpus=view.gpus,
+        reserve_bytes=reserve_bytes(256 * mib),
+    )
+    reservations = Reservations()
+    big = PlacementRequest(key="ns.big", vram_bytes=79360 * mib)
+    assert reservations.place_and_reserve(big, [view], CONFIG, NOW).chosen
+    small = [
+        PlacementRequest(
+            key=f"ns.small-{i}", vram_bytes=576 * mib, backend=Backend.VLLM, priority=Priority.LOW
+        )
+        for i in range(4)
+    ]
+    decisions = [reservations.place_and_reserve(r, [view], CONFIG, NOW) for r in small]
+    charge = footprint_bytes(Backend.VLLM, 576 * mib, 80 * GI)
+    assert charge == math.ceil(0.008 * 80 * GI) + VLLM_INSTANCE_OVERHEAD_BYTES
+    # 80Gi - 320Mi reserve - 79360Mi leaves 2240Mi: room for one at ~1167Mi, not four at 576Mi.
+    assert [bool(d.chosen) for d in decisions] == [True, False, False, False]
+    assert all(d.reason is PendingReason.INSUFFICIENT_VRAM for d in decisions[1:])
+    held = sum(h.vram_bytes for h in reservations.snapshot()["g"].values())
+    assert held <= 80 * GI - reserve_bytes(256 * mib)
+
+
+def test_budgets_charge_assignments_by_footprint_and_keep_the_reserve() -> None:
+    vllm = assignment("ns.v", "g", 10).model_copy(update={"backend": Backend.VLLM})
+    view = NodeView(
+        name="a",
+        heartbeat=NOW,
+        gpus=(gpu("g", 80),),
+        assignments={"ns.v": vllm},
+        reserve_bytes=GI,
+    )
+    (budget,) = view.budgets()
+    assert budget.room == 79 * GI
+    assert budget.holds["ns.v"].vram_bytes == footprint_bytes(Backend.VLLM, 10 * GI, 80 * GI)
+    assert budget.free() == 79 * GI - footprint_bytes(Backend.VLLM, 10 * GI, 80 * GI)
+
+
+def test_a_vllm_budget_beyond_what_vllm_may_take_fits_nowhere() -> None:
+    req = PlacementRequest(key="ns.v", vram_bytes=79 * GI, backend=Backend.VLLM)
+    decision = place(req, [node("a", gpu("g", 80))], CONFIG, NOW)
+    assert decision.reason is PendingReason.INSUFFICIENT_VRAM
+
+
+def test_a_node_that_just_failed_to_load_is_avoided_and_named() -> None:
+    nodes = [node("a", gpu("ga", 80)), node("b", gpu("gb", 80))]
+    req = PlacementRequest(
+        key="ns.m", vram_bytes=GI, avoid={"a": "InsufficientVRAM: 1Gi needed, 0 free"}
+    )
+    assert place(req, nodes, CONFIG, NOW).chosen == (Choice("b", "gb"),)
+    only_a = place(req, nodes[:1], CONFIG, NOW)
+    assert only_a.reason is PendingReason.NO_MATCHING_NODES
+    assert "could not load it a moment ago (InsufficientVRAM" in only_a.message
