@@ -173,7 +173,7 @@ async def test_ollama_health_reports_the_version(ollama: OllamaRig) -> None:
     health = await ollama.backend.health()
     assert health.healthy
     assert health.name is Backend.OLLAMA
-    assert health.version == "0.9.6"
+    assert health.version == "0.12.3"
     assert health.endpoint == ollama.backend.base_url
 
 
@@ -199,7 +199,7 @@ async def test_pull_failure_carries_ollamas_message(failing_ollama: OllamaRig) -
     progress: list[int] = []
     with pytest.raises(BackendError, match="connection reset by peer") as caught:
         await failing_ollama.backend.pull("bad:pull", progress.append)
-    assert not caught.value.retryable
+    assert caught.value.retryable  # a broken download may go through next time
     assert progress
     assert max(progress) < 100
 
@@ -211,17 +211,18 @@ async def test_pulling_an_unknown_model_fails_with_the_registry_message(
         await ollama.backend.pull("nosuchmodel", lambda _: None)
 
 
-async def test_load_measures_vram_and_places_on_the_requested_gpu(ollama: OllamaRig) -> None:
+async def test_load_measures_vram_where_ollama_put_it(ollama: OllamaRig) -> None:
+    ollama.gpus.pressure(0, 1 * GIB)  # Ollama 0.12 takes the GPU with the most free memory
     await ollama.backend.pull("llama3.2:1b", lambda _: None)
     info = await ollama.backend.load(
-        LoadRequest(key="ns.llama", model="llama3.2:1b", gpu_index=1, vram_bytes=1)
+        LoadRequest(key="ns.llama", model="llama3.2:1b", gpu_index=0, vram_bytes=1)
     )
     assert info.model == "llama3.2:1b"
     assert info.state is ModelState.LOADED
     assert info.vram_bytes == 2 * GIB  # measured by Ollama, not the 1-byte request
     assert info.last_access == T0
     assert ollama.held(1) == {"pid:1:ollama:test:llama3.2:1b": 2 * GIB}
-    assert ollama.held(0) == {}
+    assert ollama.held(0) == {"external:pressure": 1 * GIB}
     forever = dt.timedelta(days=365 * 100)
     assert info.expires_at is not None
     assert info.expires_at - T0 > forever  # keep_alive -1: held until the agent unloads it
@@ -282,7 +283,7 @@ async def test_load_failure_is_retried_then_reported_with_the_runner_message(
 
 async def test_load_of_a_model_not_pulled_fails_once_with_404(ollama: OllamaRig) -> None:
     before = ollama.transport.count
-    with pytest.raises(BackendError, match="try pulling it first") as caught:
+    with pytest.raises(BackendError, match="model 'other:tag' not found") as caught:
         await ollama.backend.load(LoadRequest(key="k", model="other:tag"))
     assert caught.value.status == 404
     assert ollama.transport.count - before == 1

@@ -37,7 +37,12 @@ OVERHEAD_BYTES = 500 * 2**20
 """CUDA context, workspaces and compute graph, on top of weights and KV cache."""
 
 DEFAULT_OLLAMA_CONTEXT = 4096
-"""Ollama's default num_ctx: the context it allocates when nothing asks for more."""
+"""Ollama's default num_ctx up to 0.15.4 (envconfig.ContextLength, OLLAMA_CONTEXT_LENGTH): the
+context it allocates when neither the request nor the Modelfile sets num_ctx."""
+
+OLLAMA_VRAM_TIERED_CONTEXT_SINCE = (0, 15, 5)
+"""From this version Ollama picks its default context from the total VRAM (server/routes.go
+Serve: 262144 from 47 GiB, 32768 from 23 GiB, else 4096) unless OLLAMA_CONTEXT_LENGTH is set."""
 
 FILE_SIZE_FACTOR = 1.2
 """Weights on disk plus a fifth for KV cache and runtime, when nothing better is known."""
@@ -114,13 +119,45 @@ def parse_parameter_size(text: str) -> int:
     return round(float(match[1]) * _PARAMETER_SCALE[match[2].upper()])
 
 
-def from_ollama_show(show: Mapping[str, Any], num_ctx: int | None = None) -> Estimate:
-    """Estimate from Ollama's /api/show answer.
+def default_ollama_context(version: str | None, total_vram_bytes: int | None = None) -> int:
+    """The num_ctx an Ollama server of `version` uses when nothing sets one.
+
+    Up to 0.15.4 it is 4096. From 0.15.5 it depends on the VRAM of all GPUs together; when
+    that is not known the figure stays 4096, the smallest tier. An unreadable version is taken
+    as the pinned 0.12 series.
+    """
+    parsed = _version_tuple(version)
+    if parsed is None or parsed < OLLAMA_VRAM_TIERED_CONTEXT_SINCE or total_vram_bytes is None:
+        return DEFAULT_OLLAMA_CONTEXT
+    gib = 2**30
+    if total_vram_bytes >= 47 * gib:
+        return 262_144
+    if total_vram_bytes >= 23 * gib:
+        return 32_768
+    return DEFAULT_OLLAMA_CONTEXT
+
+
+def _version_tuple(version: str | None) -> tuple[int, int, int] | None:
+    match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", version or "")
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def from_ollama_show(
+    show: Mapping[str, Any],
+    num_ctx: int | None = None,
+    default_context: int = DEFAULT_OLLAMA_CONTEXT,
+) -> Estimate:
+    """Estimate from Ollama's /api/show answer, which must be the verbose one.
 
     The parameter count comes from model_info["general.parameter_count"] (exact) or
     details.parameter_size (rounded); bytes per parameter from details.quantization_level.
     The context is `num_ctx` if given, else a `num_ctx` in the Modelfile parameters, else the
-    model's context length capped at Ollama's default of 4096.
+    server's `default_context` (see `default_ollama_context`); either way at most the model's
+    trained context, as Ollama caps it (llm/server.go NewLlamaServer, v0.12.3).
+
+    Without `verbose: true`, /api/show leaves per-layer arrays such as head_count_kv empty
+    (server/routes.go getModelData, v0.12.3: arrays are not read, and come back null); the KV
+    cache is then reported unknown instead of being guessed from head_count.
     """
     details = _mapping(show.get("details"))
     model_info = _mapping(show.get("model_info"))
@@ -143,36 +180,56 @@ def from_ollama_show(show: Mapping[str, Any], num_ctx: int | None = None) -> Est
         quant_note = f"unknown quantization {quant or '(none)'!r} taken as F16"
     weights = math.ceil(parameters * per_param)
 
-    context, context_note = _ollama_context(show, model_info, num_ctx)
-    kv = _kv_cache_from_gguf_metadata(model_info, context)
+    context, context_note = _ollama_context(show, model_info, num_ctx, default_context)
+    dropped = _dropped_arrays(model_info)
+    kv = None if dropped else _kv_cache_from_gguf_metadata(model_info, context)
+    if dropped:
+        why = f"{dropped} is empty, as /api/show without verbose answers"
+    else:
+        why = context_note if kv is not None else _NO_ATTENTION
     return _combine(
         method="ollama-show",
         parameters=parameters,
         weights=weights,
         kv=kv,
-        context_note=context_note if kv is not None else _NO_ATTENTION,
+        context_note=why,
         prefix=f"{_format_count(parameters)} parameters at {quant_note}",
     )
 
 
+def _dropped_arrays(model_info: Mapping[str, Any]) -> str | None:
+    """The first attention key that is present but empty (null or []): a truncated answer."""
+    arch = model_info.get("general.architecture")
+    for suffix in ("attention.head_count_kv", "attention.head_count"):
+        key = f"{arch}.{suffix}"
+        if key in model_info and model_info[key] in (None, []):
+            return key
+    return None
+
+
 def _ollama_context(
-    show: Mapping[str, Any], model_info: Mapping[str, Any], num_ctx: int | None
+    show: Mapping[str, Any],
+    model_info: Mapping[str, Any],
+    num_ctx: int | None,
+    default_context: int = DEFAULT_OLLAMA_CONTEXT,
 ) -> tuple[int, str]:
-    if num_ctx is not None:
-        return num_ctx, f"num_ctx {num_ctx}"
-    parameters_text = show.get("parameters")
-    if isinstance(parameters_text, str):
-        found = _NUM_CTX_PARAMETER.findall(parameters_text)
-        if found:
-            return int(found[-1]), f"num_ctx {found[-1]} from the Modelfile"
     trained = _arch_int(model_info, "context_length")
-    if trained is None:
-        return DEFAULT_OLLAMA_CONTEXT, f"Ollama's default context {DEFAULT_OLLAMA_CONTEXT}"
-    context = min(trained, DEFAULT_OLLAMA_CONTEXT)
-    return (
-        context,
-        f"context {context} (trained {trained}, Ollama default {DEFAULT_OLLAMA_CONTEXT})",
-    )
+    if num_ctx is not None:
+        wanted, note = num_ctx, f"num_ctx {num_ctx}"
+    else:
+        found = []
+        parameters_text = show.get("parameters")
+        if isinstance(parameters_text, str):
+            found = _NUM_CTX_PARAMETER.findall(parameters_text)
+        if found:
+            wanted, note = int(found[-1]), f"num_ctx {found[-1]} from the Modelfile"
+        else:
+            wanted, note = default_context, f"Ollama's default context {default_context}"
+    if trained is not None and wanted > trained:
+        return trained, f"context {trained} ({note}, capped at the trained {trained})"
+    if num_ctx is None and trained is not None and note.startswith("Ollama"):
+        return wanted, f"context {wanted} (trained {trained}, Ollama default {default_context})"
+    return wanted, note
 
 
 # --- KV cache ----------------------------------------------------------------------------------
