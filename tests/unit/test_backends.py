@@ -676,7 +676,6 @@ async def test_vllm_health_and_pull() -> None:
     health = await backend.health()
     assert health.healthy
     assert health.version == "vram-operator vllm-supervisor 0.1.0"
-    progress: list[int] = []
 
 
 async def test_vllm_pull_downloads_with_progress_before_returning() -> None:
@@ -690,6 +689,7 @@ async def test_vllm_pull_downloads_with_progress_before_returning() -> None:
 
     transport = ScriptedTransport(handler)
     backend = VLLMBackend("http://sup", transport=transport, retry=FAST, poll_interval=0)
+    progress: list[int] = []
     await backend.pull("a/b", progress.append)
     assert progress == [40, 100]
     assert transport.calls[0] == ("POST", "http://sup/downloads", {"model": "a/b"})
@@ -779,7 +779,6 @@ def test_child_command_line_and_environment() -> None:
     assert spec.vram_bytes == 8 * GIB + VLLM_INSTANCE_OVERHEAD_BYTES
 
 
-@pytest.mark.parametrize(
 def _gpu(index: int, uuid: str, parent: str | None = None) -> GPU:
     return GPU(
         index=index,
@@ -807,6 +806,7 @@ def test_visible_index_maps_a_uuid_to_the_containers_index_or_refuses() -> None:
         visible_index(reading, "MIG-c")
 
 
+@pytest.mark.parametrize(
     ("text", "expected"),
     [("8100-8199", range(8100, 8200)), ("9000", range(9000, 9001))],
 )
@@ -860,7 +860,6 @@ async def supervisor_url() -> AsyncIterator[str]:
         ("GET", "/estimate", None, 400, "model is required"),
         ("GET", "/estimate?model=a/b&contextLength=x", None, 400, "positive integer"),
         ("GET", "/estimate?model=/no/such/path", None, 404, "not in this container"),
-    ],
         ("GET", "/estimate?model=a/b&maxNumSeqs=0", None, 400, "positive integer"),
         (
             "PUT",
@@ -871,6 +870,7 @@ async def supervisor_url() -> AsyncIterator[str]:
         ),
         ("POST", "/downloads", {}, 400, "model: a non-empty string"),
         ("GET", "/downloads?model=a/b", None, 404, "no download"),
+    ],
 )
 async def test_supervisor_refuses_bad_requests_with_a_message(
     supervisor_url: str, method: str, path: str, body: Any, status: int, message: str

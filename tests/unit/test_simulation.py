@@ -494,6 +494,8 @@ def fake_vllm_server(
         model="Qwen/Qwen2.5-0.5B-Instruct",
         gpu_memory_utilization=0.5,
         sleep_mode=sleep_mode,
+        request_seconds=request_seconds,
+        dev_mode=sleep_mode,
     )
     fake.allocate()
     return fake
@@ -509,8 +511,6 @@ async def test_vllm_sleep_and_wake_move_vram(gpus: SimulatedGPUs) -> None:
         assert await (await client.get("/is_sleeping")).json() == {"is_sleeping": True}
         residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
         assert gpus.device(1).used_bytes == residual
-        request_seconds=request_seconds,
-        dev_mode=sleep_mode,
         gpus.pressure(1, 20 * GIB)
         refused = await client.post("/wake_up")
         assert refused.status == 500
@@ -520,25 +520,10 @@ async def test_vllm_sleep_and_wake_move_vram(gpus: SimulatedGPUs) -> None:
         gpus.pressure(1, 0)
         assert (await client.post("/wake_up")).status == 200
         assert gpus.device(1).used_bytes == full
+        assert fake.crashed is None
     assert gpus.device(1).used_bytes == 0
 
 
-async def test_vllm_endpoints_and_metric_names(gpus: SimulatedGPUs) -> None:
-    async with serving(fake_vllm_server(gpus, sleep_mode=False).app()) as client:
-        assert (await client.get("/health")).status == 200
-        [model] = (await (await client.get("/v1/models")).json())["data"]
-        assert (model["id"], model["object"]) == ("Qwen/Qwen2.5-0.5B-Instruct", "model")
-        completion = await client.post(
-            "/v1/completions",
-            json={"model": "Qwen/Qwen2.5-0.5B-Instruct", "prompt": "one two", "max_tokens": 3},
-        )
-        body = await completion.json()
-        assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
-        assert fake.crashed is None
-        chat = await client.post(
-            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
-        )
 async def test_vllm_dies_on_a_request_while_sleeping(gpus: SimulatedGPUs) -> None:
     fake = fake_vllm_server(gpus)
     async with serving(fake.app()) as client:
@@ -620,6 +605,21 @@ def test_vllm_fake_download_leaves_a_model_in_the_hub_cache(
     assert "RepositoryNotFoundError" in capsys.readouterr().err
 
 
+async def test_vllm_endpoints_and_metric_names(gpus: SimulatedGPUs) -> None:
+    async with serving(fake_vllm_server(gpus, sleep_mode=False).app()) as client:
+        assert (await client.get("/health")).status == 200
+        [model] = (await (await client.get("/v1/models")).json())["data"]
+        assert (model["id"], model["object"]) == ("Qwen/Qwen2.5-0.5B-Instruct", "model")
+        completion = await client.post(
+            "/v1/completions",
+            json={"model": "Qwen/Qwen2.5-0.5B-Instruct", "prompt": "one two", "max_tokens": 3},
+        )
+        body = await completion.json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        chat = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
         assert (await chat.json())["choices"][0]["finish_reason"] == "stop"
         wrong = await client.post("/v1/completions", json={"model": "other", "prompt": "x"})
         assert wrong.status == 404
