@@ -85,7 +85,10 @@ def _check_bytes(value: str | int) -> str | int:
 
 
 def _check_duration(value: str) -> str:
-    parse_duration(value)
+    if parse_duration(value) <= 0:
+        # Ollama reads keep_alive 0 as "unload now" (server/routes.go): a model that is
+        # unloaded as soon as it loads.
+        raise ValueError(f"{value!r} is zero; give a positive duration such as 5m, or leave it out")
     return value
 
 

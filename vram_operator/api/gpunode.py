@@ -205,6 +205,10 @@ class ResidentModel(CamelModel):
     message: str | None = None
     """The backend's message for a failure, or why it was evicted."""
 
+    endpoint: str | None = None
+    """Where the model answers requests (for vLLM, the base URL of its OpenAI API under the
+    node's serving port); absent where the backend's own address is used (Ollama)."""
+
     reason: str | None = None
     """Why it is Failed, Evicted or Unloading, in one CamelCase word (InsufficientVRAM,
     PermanentError, VRAMPressure, KeepAliveExpired, Unassigned, ...), for the operator."""

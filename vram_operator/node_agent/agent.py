@@ -35,6 +35,7 @@ from vram_operator.api import (
 from vram_operator.api.budget import footprint_bytes
 
 from .backends import BackendError, LoadRequest, ModelBackend
+from .backends.ollama_names import same_model as same_ollama_model
 from .eviction import (
     EvictionConfig,
     Resident,
@@ -49,6 +50,13 @@ from .storage import GPUNodeStore, StoreError
 from .system import drop_page_cache, remove_orphaned_shm
 
 log = logging.getLogger(__name__)
+
+
+def same_model(kind: Backend, a: str, b: str) -> bool:
+    """Whether a backend takes two model references for one model (Ollama fills in defaults
+    and ignores case, types/model/name.go; vLLM takes the reference as given)."""
+    return same_ollama_model(a, b) if kind is Backend.OLLAMA else a == b
+
 
 UNLOAD_WAIT_SECONDS = 60.0
 """How long a load waits for the models withdrawn from its GPU to finish unloading."""
@@ -101,6 +109,8 @@ class NodeAgent:
         self._clock = clock
         self._desired: dict[str, Assignment] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._unloading: set[str] = set()
+        """Keys whose task is an unload (the others' are loads)."""
         self._retries: dict[str, _Retry] = {}
         self._gpu_locks: dict[str, asyncio.Lock] = {}
         self._health: dict[Backend, BackendHealth] = {}
@@ -181,7 +191,17 @@ class NodeAgent:
         by backend and model name (Ollama does not); one nobody assigned keeps a
         backend:model key and is unloaded by the next reconcile.
         """
-        by_model = {(a.backend, a.model): key for key, a in self._desired.items()}
+
+        def assigned_key(kind: Backend, model: str) -> str | None:
+            return next(
+                (
+                    key
+                    for key, a in self._desired.items()
+                    if a.backend is kind and same_model(kind, a.model, model)
+                ),
+                None,
+            )
+
         now = self._now()
         for kind, backend in self.backends.items():
             try:
@@ -190,7 +210,7 @@ class NodeAgent:
                 log.warning("cannot list %s models to adopt them: %s", kind, exc.message)
                 continue
             for info in resident:
-                key = info.key or by_model.get((kind, info.model)) or f"{kind}:{info.model}"
+                key = info.key or assigned_key(kind, info.model) or f"{kind}:{info.model}"
                 assignment = self._desired.get(key)
                 self.registry.put(
                     Entry(
@@ -207,6 +227,7 @@ class NodeAgent:
                         last_access=info.last_access or now,
                         can_park=backend.can_park,
                         generation=assignment.generation if assignment else None,
+                        endpoint=info.endpoint,
                     )
                 )
                 log.info("adopted %s (%s) already resident in %s", key, info.model, kind)
@@ -217,9 +238,16 @@ class NodeAgent:
         """Start the loads and unloads that move the node toward its assignments."""
         now = self._clock()
         for entry in self.registry.snapshot():
-            if entry.key not in self._desired and entry.key not in self._tasks:
+            if entry.key in self._desired:
+                continue
+            task = self._tasks.get(entry.key)
+            if task is not None and entry.key not in self._unloading:
+                task.cancel()  # a load of a withdrawn model: stop it; the next pass unloads
+                continue
+            if task is None:
                 # Unloading from this moment: the report must never show it Loaded again.
                 self.registry.update(entry.key, state=ModelState.UNLOADING, reason="Unassigned")
+                self._unloading.add(entry.key)
                 self._start(entry.key, self._unload(entry, reason="unassigned"))
         for key, assignment in self._desired.items():
             if key in self._tasks:
@@ -296,6 +324,7 @@ class NodeAgent:
         def done(finished: asyncio.Task[None]) -> None:
             if self._tasks.get(key) is finished:
                 del self._tasks[key]
+                self._unloading.discard(key)
             if not finished.cancelled() and finished.exception() is not None:
                 log.error("task for %s failed", key, exc_info=finished.exception())
             self._poke()
@@ -395,6 +424,7 @@ class NodeAgent:
             load_seconds=round(elapsed, 3),
             message=None,
             reason=None,
+            endpoint=info.endpoint,
         )
         self._retries.pop(key, None)
         self.metrics.loads.labels(assignment.backend.value, "loaded").inc()
@@ -404,7 +434,14 @@ class NodeAgent:
     async def _needed_bytes(self, assignment: Assignment, backend: ModelBackend) -> tuple[int, str]:
         if assignment.vram_bytes:
             return assignment.vram_bytes, "spec"
-        estimate = await backend.estimate(assignment.model)
+        args = list(assignment.vllm.args) if assignment.vllm else []
+        wanted = LoadRequest(
+            key="",
+            model=assignment.model,
+            options=assignment.ollama.options if assignment.ollama else {},
+            args=args,
+        )
+        estimate = await backend.estimate(assignment.model, wanted.context_length, args=args)
         if estimate is None:
             raise BackendError(
                 f"cannot estimate the VRAM of {assignment.model}; set spec.vram",
@@ -437,8 +474,7 @@ class NodeAgent:
         unloading = [
             task
             for other, task in self._tasks.items()
-            if other != key
-            and other not in self._desired
+            if other in self._unloading
             and (entry := self.registry.get(other)) is not None
             and entry.gpu_uuid == gpu.uuid
         ]
@@ -643,11 +679,13 @@ class NodeAgent:
                 resident = await backend.list_resident()
             except BackendError:
                 continue
-            seen = {info.key or info.model: info for info in resident}
             for entry in self.registry.snapshot():
                 if entry.backend is not kind or entry.key in self._tasks:
                     continue
-                info = seen.get(entry.key) or seen.get(entry.model)
+                info = next((i for i in resident if i.key == entry.key), None) or next(
+                    (i for i in resident if not i.key and same_model(kind, i.model, entry.model)),
+                    None,
+                )
                 if info is None and entry.state is ModelState.LOADED:
                     idle = self._idle_beyond_keep_alive(entry, self._clock())
                     self.registry.update(
@@ -669,7 +707,13 @@ class NodeAgent:
                         changes["vram_bytes"] = info.vram_bytes
                         changes["vram_source"] = "measured"
                     if info.state is ModelState.FAILED and entry.state is not ModelState.FAILED:
-                        changes["state"] = ModelState.FAILED
+                        # Died on its own (a crashed vllm serve): retried with back-off.
+                        self._fail(entry.key, "BackendError", info.message or "the backend failed")
+                        continue
+                    if entry.state is ModelState.LOADED and info.message != entry.message:
+                        changes["message"] = info.message  # e.g. partly on CPU
+                    if info.endpoint != entry.endpoint and entry.state is ModelState.LOADED:
+                        changes["endpoint"] = info.endpoint
                     if changes:
                         self.registry.update(entry.key, **changes)
 

@@ -40,6 +40,8 @@ class Entry:
     """Why it is Failed, Evicted or Unloading, in one word, for the operator."""
     permanent: bool = False
     """Failed in a way trying again cannot fix: retried only when its assignment changes."""
+    endpoint: str | None = None
+    """Where it answers requests, as the backend reports."""
 
     def to_status(self) -> ResidentModel:
         return ResidentModel(
@@ -57,6 +59,7 @@ class Entry:
             load_seconds=self.load_seconds,
             message=self.message,
             reason=self.reason,
+            endpoint=self.endpoint,
         )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vram_operator.api import Backend
+from vram_operator.api import Backend, parse_bytes
 from vram_operator.api.budget import footprint_bytes
 
 MIB = 2**20
@@ -92,7 +92,7 @@ def ollama_catalog(models: Sequence[BurstModel], path: Path) -> Path:
     entries = {}
     for model in models:
         if model.ollama_model is not None:
-            size = int(str(model.spec["vram"]).removesuffix("Mi")) * MIB
+            size = parse_bytes(str(model.spec["vram"]))
             entries[model.ollama_model] = {"size": max(size // 2, 1), "size_vram": size}
     path.write_text(json.dumps(entries))
     return path

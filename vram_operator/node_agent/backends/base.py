@@ -147,9 +147,12 @@ class ModelBackend(Protocol):
 
     async def wake(self, key: str, model: str) -> None: ...
 
-    async def estimate(self, model: str, context_length: int | None = None) -> Estimate | None:
+    async def estimate(
+        self, model: str, context_length: int | None = None, *, args: Sequence[str] = ()
+    ) -> Estimate | None:
         """A VRAM estimate from the model's metadata, its KV cache sized for `context_length`
-        tokens where given (else the server's default); None when the backend cannot tell."""
+        tokens where given (else the server's default) and, for vLLM, the batch `args` set;
+        None when the backend cannot tell."""
         ...
 
     async def aclose(self) -> None: ...

@@ -58,7 +58,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -548,7 +548,9 @@ class OllamaBackend:
 
     # ---- estimate -------------------------------------------------------------------------
 
-    async def estimate(self, model: str, context_length: int | None = None) -> Estimate | None:
+    async def estimate(
+        self, model: str, context_length: int | None = None, *, args: Sequence[str] = ()
+    ) -> Estimate | None:
         """From the verbose /api/show; None when the model is not pulled or its metadata gives
         no size. `context_length` is the deployment's num_ctx; without it the Modelfile's,
         else the server version's default (4096 in 0.12)."""

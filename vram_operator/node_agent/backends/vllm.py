@@ -293,7 +293,11 @@ class VLLMBackend:
             await self.wake(request.key, request.model)
             entry = parse_as(_Entry, await self._api.call("GET", self._path(request.key)), context)
         if entry.state != "running":
-            raise BackendError(entry.message or f"vllm serve is {entry.state}", context=context)
+            message = entry.message or f"vllm serve is {entry.state}"
+            # Exit code 2 is argparse refusing the command line (engine/arg_utils.py): asking
+            # again gets the same. Anything else (a port taken meanwhile, memory, a crash)
+            # may pass, and is retried with back-off.
+            raise BackendError(message, retryable="exit code 2" not in message, context=context)
         return self._info(entry, self._clock())
 
     async def unload(self, key: str, model: str) -> None:
