@@ -55,7 +55,7 @@ from .placement import (
     PlacementRequest,
     Reservations,
 )
-from .storage import ClusterStore
+from .storage import Store
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class OperatorService:
 
     def __init__(
         self,
-        store: ClusterStore,
+        store: Store,
         config: OperatorConfig,
         metrics: OperatorMetrics,
         clock: Callable[[], dt.datetime] = now,
@@ -171,12 +171,17 @@ class OperatorService:
             self._gpunodes[name] = new
         before, after = _reports(old), _reports(new)
         changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-        ours = {k for k, nodes in self._assigned.items() if name in nodes}
-        theirs = set(new.spec.assignments) if new is not None else set()
-        # Assignments someone else added or removed (ours come back as we wrote them).
-        changed |= ours ^ theirs
+        # Assignments that changed to something other than what we decided: someone else's
+        # edit, or the node's deletion (our own writes come back as we made them).
+        was = old.spec.assignments if old is not None else {}
+        now_ = new.spec.assignments if new is not None else {}
+        for key in was.keys() | now_.keys():
+            if was.get(key) != now_.get(key) and self._assigned.get(key, {}).get(name) != now_.get(
+                key
+            ):
+                changed.add(key)
         if new is None:
-            changed |= ours
+            changed |= {k for k, nodes in self._assigned.items() if name in nodes}
         for key in changed:
             self._mark_key(key)
         if self._room_grew(old, new):

@@ -10,7 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -27,6 +27,28 @@ from vram_operator.api.gpunode import PLURAL as GPUNODES
 from vram_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
 
 log = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+    """What the operator's service needs from the cluster; `ClusterStore` is the one real
+    implementation, and the unit tests run the service over an in-memory one."""
+
+    async def list_gpunodes(self) -> list[GPUNode]: ...
+    async def list_nodes(self) -> dict[str, client.V1Node]: ...
+    async def list_deployments(self) -> list[dict[str, Any]]: ...
+    async def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def get_gpunode(self, node: str) -> GPUNode | None: ...
+    async def set_assignments(
+        self, node: str, changes: Mapping[str, Assignment | None]
+    ) -> bool: ...
+    async def set_gpunode_conditions(self, node: str, conditions: Sequence[Condition]) -> None: ...
+    async def delete_gpunode(self, node: str) -> None: ...
+    async def write_status(
+        self, namespace: str, name: str, status: ModelDeploymentStatus
+    ) -> bool: ...
+    async def post_event(
+        self, body: dict[str, Any], type_: str, reason: str, message: str
+    ) -> None: ...
 
 
 class ClusterStore:
