@@ -5,9 +5,10 @@ tests build clusters with this, so both exercise the same path a user's cluster 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,21 @@ def create_node(
 class SimulatedCluster:
     """Nodes and operators started on one control plane; stop() ends every process."""
 
-    def __init__(self, api_client: client.ApiClient, kubeconfig: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        kubeconfig: str,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        node_class: type[SimulatedNode] = SimulatedNode,
+    ) -> None:
+        """`env` is added to the environment of every process it starts (`PYTHONPATH` set to
+        another checkout runs that checkout's operator and agents); `node_class` builds nodes."""
         self.api = api_client
         self.kubeconfig = kubeconfig
         self.workdir = workdir
+        self.env = dict(env or {})
+        self.node_class = node_class
         self.nodes: dict[str, SimulatedNode] = {}
         self.operators: list[ManagedProcess] = []
 
@@ -91,7 +103,7 @@ class SimulatedCluster:
         ollama_args: Sequence[str] = (),
     ) -> SimulatedNode:
         create_node(self.api, name, labels, taints)
-        node = SimulatedNode(
+        node = self.node_class(
             name,
             self.workdir,
             self.kubeconfig,
@@ -100,6 +112,7 @@ class SimulatedCluster:
             ollama_args=ollama_args,
             # Nodes share this machine's loopback, so each supervisor gets its own ports.
             vllm_ports=f"{8100 + 20 * len(self.nodes)}-{8119 + 20 * len(self.nodes)}",
+            env=self.env,
         )
         self.nodes[name] = node
         return node.start()
@@ -126,7 +139,7 @@ class SimulatedCluster:
                 *args,
             ],
             self.workdir / f"operator-{index}.log",
-            env=None,
+            env={**os.environ, **self.env} if self.env else None,
         )
         operator.start()
         self.operators.append(operator)

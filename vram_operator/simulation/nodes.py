@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -110,7 +110,10 @@ class SimulatedNode:
         ollama_args: Sequence[str] = (),
         vllm: bool = True,
         vllm_ports: str = "8100-8199",
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """`env` is added to every process's environment (`PYTHONPATH` set to another
+        checkout runs that checkout's code)."""
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,7 @@ class SimulatedNode:
             "VRAM_SIM_GPU_STATE": str(self.gpu_state),
             # The node's own Hugging Face cache, where the fake downloads put model files.
             "HF_HOME": str(self.dir / "huggingface"),
+            **(env or {}),
         }
         self.ollama_url = f"http://127.0.0.1:{free_port()}"
         self.supervisor_url = ""
@@ -145,27 +149,9 @@ class SimulatedNode:
         self.start_ollama()
         if self.vllm:
             port = free_port()
-            command = f"{shlex.quote(sys.executable)} -m vram_operator.simulation.fake_vllm serve"
             self.supervisor = ManagedProcess(
                 f"{self.name}/vllm-supervisor",
-                [
-                    sys.executable,
-                    "-m",
-                    "vram_operator",
-                    "vllm-supervisor",
-                    "--port",
-                    str(port),
-                    "--vllm-command",
-                    command,
-                    "--port-range",
-                    self.vllm_ports,
-                    "--simulate-gpus",
-                    str(self.gpu_state),
-                    "--download-command",
-                    f"{shlex.quote(sys.executable)} -m vram_operator.simulation.fake_vllm download",
-                    "--serve-port",
-                    str(free_port()),
-                ],
+                self.supervisor_argv(port),
                 self.dir / "vllm-supervisor.log",
                 self.env,
             )
@@ -173,6 +159,28 @@ class SimulatedNode:
             self.supervisor_url = f"http://127.0.0.1:{port}"
         self.start_agent()
         return self
+
+    def supervisor_argv(self, port: int) -> list[str]:
+        """The vLLM supervisor's command line: the real supervisor running the fake vLLM."""
+        fake_vllm = f"{shlex.quote(sys.executable)} -m vram_operator.simulation.fake_vllm"
+        return [
+            sys.executable,
+            "-m",
+            "vram_operator",
+            "vllm-supervisor",
+            "--port",
+            str(port),
+            "--vllm-command",
+            f"{fake_vllm} serve",
+            "--port-range",
+            self.vllm_ports,
+            "--simulate-gpus",
+            str(self.gpu_state),
+            "--download-command",
+            f"{fake_vllm} download",
+            "--serve-port",
+            str(free_port()),
+        ]
 
     def start_ollama(self) -> None:
         """Start (or restart) the fake Ollama on this node's fixed port."""
