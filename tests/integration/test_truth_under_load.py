@@ -59,8 +59,8 @@ class Scenario:
                 ollama_args=("--catalog", str(catalog)),
             )
 
-    def start_operator(self) -> ManagedProcess:
-        operator = self.cluster.start_operator("--heartbeat-grace", str(HEARTBEAT_GRACE))
+    def start_operator(self, *args: str) -> ManagedProcess:
+        operator = self.cluster.start_operator("--heartbeat-grace", str(HEARTBEAT_GRACE), *args)
         self.wait("the operator to start", lambda: "operator state rebuilt" in log_of(operator))
         return operator
 
@@ -262,7 +262,7 @@ def test_a_lost_agent_is_marked_and_its_models_move(scenario: Scenario, tmp_path
     ]
     catalog = ollama_catalog(models, tmp_path / "catalog.json")
     scenario.add_nodes(["keeper", "victim"], 8 * GIB, catalog)
-    scenario.start_operator()
+    scenario.start_operator("--strategy", "spread")  # some on each node
     for model in models:
         scenario.apply(model)
     bodies = scenario.settle(len(models), timeout=60)

@@ -564,6 +564,15 @@ async def test_vllm_load_failure_reports_vllms_output() -> None:
     backend = VLLMBackend("http://sup", transport=transport, retry=FAST)
     with pytest.raises(BackendError, match="CUDA out of memory") as caught:
         await backend.load(VLLM_REQUEST)
+    assert caught.value.retryable  # a crash may pass; the agent reads "out of memory" itself
+
+
+async def test_vllm_refusing_its_command_line_is_not_retried() -> None:
+    failed = entry("failed", exitCode=2, message="exit code 2; vllm serve: error: unrecognized")
+    transport = ScriptedTransport(lambda *_: Response(202, json.dumps(failed).encode()))
+    backend = VLLMBackend("http://sup", transport=transport, retry=FAST)
+    with pytest.raises(BackendError, match="unrecognized") as caught:
+        await backend.load(VLLM_REQUEST)
     assert not caught.value.retryable
     assert len(transport.calls) == 1
 

@@ -994,3 +994,22 @@ def test_a_node_that_just_failed_to_load_is_avoided_and_named() -> None:
     only_a = place(req, nodes[:1], CONFIG, NOW)
     assert only_a.reason is PendingReason.NO_MATCHING_NODES
     assert "could not load it a moment ago (InsufficientVRAM" in only_a.message
+
+
+def test_a_node_whose_ollama_holds_its_limit_takes_no_more_ollama_models() -> None:
+    """One more than OLLAMA_MAX_LOADED_MODELS would make Ollama unload another by itself."""
+    held = tuple(assignment(f"ns.m{i}", "g", 1) for i in range(2))
+    full = NodeView(
+        name="a",
+        heartbeat=NOW,
+        gpus=(gpu("g", 80),),
+        assignments={f"{a.namespace}.{a.name}": a for a in held},
+        max_models={Backend.OLLAMA: 2},
+    )
+    decision = place(request(1), [full], CONFIG, NOW)
+    assert decision.reason is PendingReason.NO_MATCHING_NODES
+    assert "held the 2 ollama models its server takes at most" in decision.message
+    vllm = PlacementRequest(key="ns.v", vram_bytes=GI, backend=Backend.VLLM)
+    assert place(vllm, [full], CONFIG, NOW).chosen == (Choice("a", "g"),)
+    again = PlacementRequest(key="ns.m0", vram_bytes=GI, existing=frozenset({"a"}))
+    assert place(again, [full], CONFIG, NOW).keep == ("a",)

@@ -14,6 +14,8 @@ from .common import (
 )
 from .gpunode import (
     GPU,
+    RELOCATABLE_FAILURES,
+    STAYING_EVICTIONS,
     Assignment,
     BackendHealth,
     GPUNode,
@@ -40,6 +42,8 @@ __all__ = [
     "FINALIZER",
     "GPU",
     "GROUP",
+    "RELOCATABLE_FAILURES",
+    "STAYING_EVICTIONS",
     "VERSION",
     "Assignment",
     "Backend",

@@ -162,6 +162,10 @@ class BackendHealth(CamelModel):
     message: str | None = None
     """Why it is unhealthy."""
 
+    max_models: NonNegative | None = None
+    """Models it holds at once at most (Ollama's OLLAMA_MAX_LOADED_MODELS: one more makes it
+    unload another by itself); absent: no limit but memory."""
+
 
 class ResidentModel(CamelModel):
     """A model actually present in a backend on this node."""
@@ -212,6 +216,16 @@ class ResidentModel(CamelModel):
     reason: str | None = None
     """Why it is Failed, Evicted or Unloading, in one CamelCase word (InsufficientVRAM,
     PermanentError, VRAMPressure, KeepAliveExpired, Unassigned, ...), for the operator."""
+
+
+RELOCATABLE_FAILURES = frozenset({"InsufficientVRAM", "OutOfMemory"})
+"""ResidentModel reasons of a load that found too little memory on its GPU: the agent does not
+retry it there; the operator withdraws it and places it afresh (elsewhere for a while)."""
+
+STAYING_EVICTIONS = frozenset({"KeepAliveExpired"})
+"""Evictions that are the deployment's own wish (idle past keepAlive): nothing to re-place.
+Any other eviction of an assigned model is the operator's to re-place, not the agent's to
+reload."""
 
 
 class GPUNodeStatus(CamelModel):

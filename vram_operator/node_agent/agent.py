@@ -21,6 +21,7 @@ from typing import Any
 from vram_operator import __version__
 from vram_operator.api import (
     GPU,
+    RELOCATABLE_FAILURES,
     Assignment,
     Backend,
     BackendHealth,
@@ -259,16 +260,17 @@ class NodeAgent:
                     self.registry.update(key, priority=assignment.priority)
                 if entry.state in (ModelState.LOADED, ModelState.LOADING):
                     continue
+                same = entry.generation == assignment.generation
                 if entry.state is ModelState.FAILED and (
-                    (entry.permanent and entry.generation == assignment.generation)
+                    (same and (entry.permanent or entry.reason in RELOCATABLE_FAILURES))
                     or now < self._retry(key).not_before
                 ):
+                    continue  # permanent, or the operator's to place afresh, or backing off
+                if entry.state is ModelState.EVICTED and same:
+                    # Where an evicted model goes back is a placement decision: the operator
+                    # withdraws it and places it again (idle ones: when the spec changes).
                     continue
-                if entry.idle_expired and entry.generation == assignment.generation:
-                    continue
-                if entry.state in (ModelState.SLEEPING, ModelState.EVICTED) and not self._fits(
-                    entry, assignment
-                ):
+                if entry.state is ModelState.SLEEPING and not self._fits(entry, assignment):
                     continue
             self._start(key, self._load(key, assignment, replacing=current))
         await self._expire_idle(now)
@@ -368,11 +370,6 @@ class NodeAgent:
         if replacing is not None and replacing.state is ModelState.SLEEPING and backend:
             await self._wake_parked(replacing, backend)
             return
-        # A model coming back after an eviction takes only free memory: letting it evict in
-        # turn would chain evictions through models of the same priority.
-        returning = (
-            replacing if replacing is not None and replacing.state is ModelState.EVICTED else None
-        )
         self.registry.put(entry)
         self._poke()
         if backend is None:
@@ -390,7 +387,7 @@ class NodeAgent:
             needed = footprint_bytes(assignment.backend, figure, gpu.total_bytes)
             self.registry.update(key, vram_bytes=needed, vram_source=source)
             async with self._gpu_locks.setdefault(gpu.uuid, asyncio.Lock()):
-                if not await self._make_room(key, assignment, gpu, needed, returning):
+                if not await self._make_room(key, gpu, needed):
                     return
                 self._maybe_drop_page_cache(needed)
                 info = await backend.load(
@@ -456,20 +453,12 @@ class NodeAgent:
                 return gpu
         return max(gpus, key=lambda g: g.free_bytes, default=None)
 
-    async def _make_room(
-        self,
-        key: str,
-        assignment: Assignment,
-        gpu: GPU,
-        needed: int,
-        returning: Entry | None = None,
-    ) -> bool:
+    async def _make_room(self, key: str, gpu: GPU, needed: int) -> bool:
         """Wait for the models withdrawn from this GPU to finish unloading; False (and Failed,
         InsufficientVRAM, for the operator to place it afresh) when `needed` still does not fit.
 
         Which assigned model gives way to which is the operator's decision (it withdraws the
-        ones it displaces): the agent never evicts an assigned model to load another. A
-        `returning` (previously evicted) model goes back to its Evicted entry instead.
+        ones it displaces): the agent never evicts an assigned model to load another.
         """
         unloading = [
             task
@@ -484,9 +473,6 @@ class NodeAgent:
         free = fresh.free_bytes - self.config.min_free_bytes
         if free >= needed:
             return True
-        if returning is not None:
-            self.registry.put(returning)
-            return False
         holders = [
             f"{e.key} {format_bytes(e.vram_bytes or 0)} {e.state.lower()}"
             for e in self.registry.snapshot()

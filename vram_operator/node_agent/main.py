@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster)")
     parser.add_argument("--report-interval", type=float, default=10.0, help="seconds")
     parser.add_argument("--ollama-url", default=None, help="e.g. http://127.0.0.1:11434")
+    parser.add_argument(
+        "--ollama-max-loaded-models",
+        type=int,
+        default=16,
+        help="the Ollama sidecar's OLLAMA_MAX_LOADED_MODELS (0: no limit reported); the "
+        "operator places no more Ollama models on this node",
+    )
     parser.add_argument("--vllm-supervisor-url", default=None, help="e.g. http://127.0.0.1:8900")
     parser.add_argument(
         "--policy", choices=["lru", "priority", "hybrid"], default="hybrid", help="eviction policy"
@@ -82,7 +89,9 @@ def _gpu_source(args: argparse.Namespace) -> GPUSource:
 def _backends(args: argparse.Namespace) -> dict[Backend, ModelBackend]:
     backends: dict[Backend, ModelBackend] = {}
     if args.ollama_url:
-        backends[Backend.OLLAMA] = OllamaBackend(args.ollama_url)
+        backends[Backend.OLLAMA] = OllamaBackend(
+            args.ollama_url, max_loaded_models=args.ollama_max_loaded_models or None
+        )
     if args.vllm_supervisor_url:
         backends[Backend.VLLM] = VLLMBackend(args.vllm_supervisor_url)
     return backends

@@ -136,6 +136,9 @@ class NodeView:
     """Whether the Node object exists; a GPUNode can outlive its Node."""
     reserve_bytes: int = 0
     """VRAM per GPU never promised (`vram_operator.api.budget.reserve_bytes`)."""
+    max_models: Mapping[Backend, int] = field(default_factory=dict)
+    """Per backend, the models its server holds at once at most (Ollama's
+    OLLAMA_MAX_LOADED_MODELS); one more would make it unload another by itself."""
 
     @classmethod
     def from_objects(
@@ -158,6 +161,9 @@ class NodeView:
             assignments=dict(gpunode.spec.assignments),
             resident=tuple(status.models) if status else (),
             exists=node_labels is not None,
+            max_models={
+                b.name: b.max_models for b in (status.backends if status else ()) if b.max_models
+            },
         )
 
     def budgets(self) -> tuple[GPUBudget, ...]:
@@ -330,6 +336,15 @@ def _node_problem(
         return f"had no agent heartbeat in the last {grace:g}s"
     if not view.gpus:
         return "had no GPUs"
+    limit = view.max_models.get(request.backend)
+    if limit is not None:
+        held = sum(
+            1
+            for key, a in view.assignments.items()
+            if a.backend is request.backend and key != request.key
+        )
+        if held >= limit:
+            return f"held the {limit} {request.backend} models its server takes at most"
     return None
 
 

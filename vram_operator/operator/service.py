@@ -29,6 +29,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from vram_operator.api import (
+    RELOCATABLE_FAILURES,
+    STAYING_EVICTIONS,
     Assignment,
     Condition,
     GPUNode,
@@ -63,12 +65,6 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 
 _HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING, ModelState.UNLOADING)
-
-_MOVABLE_FAILURES = frozenset({"InsufficientVRAM", "OutOfMemory"})
-"""Agent failure reasons that say this GPU lacked the memory at load time, not the model."""
-
-_STAYING_EVICTIONS = frozenset({"KeepAliveExpired"})
-"""Evictions that are the model's own choice (idle past keepAlive): nothing to re-place."""
 
 HEARTBEAT_LOST = "HeartbeatLost"
 
@@ -192,7 +188,7 @@ class OperatorService:
             return False
         if old is None or old.status is None:
             return True
-        was_stale, is_stale = self._is_stale(self._view(old)), self._is_stale(self._view(new))
+        was_stale, is_stale = self._is_stale(old), self._is_stale(new)
         if was_stale and not is_stale:
             return True
         free_before = {b.gpu.uuid: b.free() for b in self._view(old).budgets()}
@@ -270,7 +266,7 @@ class OperatorService:
     # ---- node lifecycle --------------------------------------------------------------------
 
     async def _check_staleness(self) -> None:
-        stale = {view.name for view in self._views() if self._is_stale(view)}
+        stale = {name for name, gpunode in self._gpunodes.items() if self._is_stale(gpunode)}
         for name in sorted(stale - self._stale):
             await self._node_lost(name)
         if self._stale - stale:
@@ -316,10 +312,11 @@ class OperatorService:
         if ready is None or (ready.status, ready.reason) != ("Unknown", HEARTBEAT_LOST):
             await self.store.set_gpunode_conditions(name, set_condition(current, lost))
 
-    def _is_stale(self, view: NodeView) -> bool:
-        if view.heartbeat is None:
+    def _is_stale(self, gpunode: GPUNode) -> bool:
+        heartbeat = gpunode.status.last_heartbeat_time if gpunode.status else None
+        if heartbeat is None:
             return True
-        age = (self.clock() - view.heartbeat).total_seconds()
+        age = (self.clock() - heartbeat).total_seconds()
         return age > self.config.placement.heartbeat_grace_seconds
 
     def _expire_avoidances(self) -> None:
@@ -389,8 +386,10 @@ class OperatorService:
         async with self._place_lock:
             self._release_unloadable(key, changes)
             views = [
-                dataclasses.replace(v, exists=False) if self._is_stale(v) else v
-                for v in self._views()
+                dataclasses.replace(self._view(g), exists=False)
+                if self._is_stale(g)
+                else self._view(g)
+                for g in self._gpunodes.values()
             ]
             desired = self._assignment(body, spec, gpu_uuid=None)
             for node, old in list(self._assigned.get(key, {}).items()):
@@ -541,7 +540,7 @@ class OperatorService:
         """What a node's agent reports for `key`, if its heartbeat is fresh: a lost node's last
         word is no evidence that a replica is ready there."""
         gpunode = self._gpunodes.get(node)
-        if gpunode is None or self._is_stale(self._view(gpunode)):
+        if gpunode is None or self._is_stale(gpunode):
             return None
         return self._report(node, key)
 
@@ -673,9 +672,9 @@ def _reports(gpunode: GPUNode | None) -> dict[str, tuple[Any, ...]]:
 def _unloadable(report: ResidentModel) -> bool:
     """A replica its node could not load for want of memory, or evicted while assigned."""
     if report.state is ModelState.FAILED:
-        return report.reason in _MOVABLE_FAILURES
+        return report.reason in RELOCATABLE_FAILURES
     if report.state is ModelState.EVICTED:
-        return report.reason not in _STAYING_EVICTIONS
+        return report.reason not in STAYING_EVICTIONS
     return False
 
 

@@ -239,8 +239,12 @@ class OllamaBackend:
         unload_timeout: float = UNLOAD_TIMEOUT,
         unload_poll: float = UNLOAD_POLL,
         total_vram_bytes: int | None = None,
+        max_loaded_models: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._max_loaded_models = max_loaded_models
+        """The server's OLLAMA_MAX_LOADED_MODELS, reported so the operator never places more
+        (Ollama has no API that tells it)."""
         self._transport: Transport = transport or AiohttpTransport()
         self._retry = retry or RetryPolicy()
         self._api = JSONEndpoint(self._transport, self._retry, self.base_url, "ollama")
@@ -288,7 +292,11 @@ class OllamaBackend:
             )
         self._version = answer.version
         return BackendHealth(
-            name=Backend.OLLAMA, healthy=True, endpoint=self.base_url, version=answer.version
+            name=Backend.OLLAMA,
+            healthy=True,
+            endpoint=self.base_url,
+            version=answer.version,
+            max_models=self._max_loaded_models,
         )
 
     async def list_pulled(self) -> list[str]:
