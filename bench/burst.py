@@ -66,6 +66,8 @@ class Outcome:
     placed_counter: float | None
     """The operator's vram_operator_placements_total{outcome="placed"}, when it answered."""
     ready_latencies: list[float]
+    status_latencies: list[float]
+    """Per object: from its apply until the first version with a status."""
     ready: int
     pending: int
     other: int
@@ -287,9 +289,12 @@ def _run(
             audit.sample()
             audit.stop()
             ready_at: dict[str, float] = {}
+            status_at: dict[str, float] = {}
             for stamp, body in sorted(audit.deployments, key=lambda item: item[0]):
                 meta = body["metadata"]
                 key = f"{meta['namespace']}.{meta['name']}"
+                if key in applied and key not in status_at and body.get("status"):
+                    status_at[key] = stamp - applied[key]
                 if key in applied and key not in ready_at and _is_ready(body):
                     ready_at[key] = stamp - applied[key]
             dead = [
@@ -310,6 +315,7 @@ def _run(
                 assignments=_assignments_written(audit.gpunodes),
                 placed_counter=_placed_counter(port),
                 ready_latencies=list(ready_at.values()),
+                status_latencies=list(status_at.values()),
                 ready=sum(_is_ready(b) for b in bodies.values()),
                 pending=sum(_is_pending(b) for b in bodies.values()),
                 other=sum(not _is_ready(b) and not _is_pending(b) for b in bodies.values()),
@@ -331,11 +337,11 @@ def rows(outcomes: Sequence[Outcome], count: int) -> list[tuple[str, list[str]]]
             return f"{o.seconds:.1f} s"
         return f"not settled after {o.seconds:.0f} s ({o.unsettled} of {count} not settled)"
 
-    def latency(o: Outcome) -> str:
-        if not o.ready_latencies:
-            return "none Ready"
-        p50, p99 = percentile(o.ready_latencies, 0.5), percentile(o.ready_latencies, 0.99)
-        return f"{p50:.1f} s / {p99:.1f} s (n={len(o.ready_latencies)})"
+    def spread(values: Sequence[float], none: str) -> str:
+        if not values:
+            return none
+        p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+        return f"{p50:.1f} s / {p99:.1f} s (n={len(values)})"
 
     def placements(o: Outcome) -> str:
         counter = "" if o.placed_counter is None else f"; operator counted {o.placed_counter:.0f}"
@@ -351,7 +357,14 @@ def rows(outcomes: Sequence[Outcome], count: int) -> list[tuple[str, list[str]]]
         ("first apply → every object settled", [settle(o) for o in outcomes]),
         (f"apply of all {count} objects took", [f"{o.apply_seconds:.1f} s" for o in outcomes]),
         ("assignments written per second", [placements(o) for o in outcomes]),
-        ("apply → first Ready, p50 / p99", [latency(o) for o in outcomes]),
+        (
+            "apply → first status, p50 / p99",
+            [spread(o.status_latencies, "no status") for o in outcomes],
+        ),
+        (
+            "apply → first Ready, p50 / p99",
+            [spread(o.ready_latencies, "none Ready") for o in outcomes],
+        ),
         (
             "ended Ready / Pending / neither",
             [f"{o.ready} / {o.pending} / {o.other}" for o in outcomes],
