@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import signal
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -758,3 +759,106 @@ def test_an_idle_model_is_unloaded_after_keep_alive_and_stays_out(
         idle.model_copy(update={"keep_alive_seconds": 600, "generation": 2}),
     )
     in_state(nodes, "agent-idle", "default.idle", ModelState.LOADED)
+
+
+# ---- the backends as the real servers behave ---------------------------------------------------
+
+
+def test_ollama_names_as_ollama_reads_them_survive_a_restart_without_reloads(
+    cluster: SimulatedCluster, nodes: GPUNodes
+) -> None:
+    """Ollama lists short, case-folded names with :latest for a tagless one
+    (types/model/name.go at v0.12.3); the agent must still know its models, and adopt them
+    after a restart without loading anything again."""
+    name = "agent-names"
+    node = start(
+        cluster,
+        nodes,
+        name,
+        gpu_sizes=[16 * GIB],
+        agent_args=QUICK,
+        ollama_args=catalog({"mymodel:latest": GIB}),
+    )
+    wanted = {
+        "default.tagless": "mymodel",
+        "default.library": "library/llama3.2:1b",
+        "default.mixed": "Llama3.2:3B",
+    }
+    for key, model in wanted.items():
+        nodes.assign(name, key, assignment(key, model))
+    for key in wanted:
+        in_state(nodes, name, key, ModelState.LOADED)
+    listed = {m["name"] for m in http_json(f"{node.ollama_url}/api/ps")["models"]}
+    assert listed == {"mymodel:latest", "llama3.2:1b", "llama3.2:3b"}  # not what was asked
+    stable = reports_later(nodes, name)
+    assert {m.key: m.state for m in stable.models} == dict.fromkeys(wanted, ModelState.LOADED)
+    ps_before = http_json(f"{node.ollama_url}/api/ps")["models"]
+    loads_before = node.ollama.tail(400).count("fake ollama: loading") if node.ollama else 0
+    assert node.agent is not None
+    node.agent.stop(signal.SIGKILL)
+
+    restarted_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    node.start_agent()
+    status = heartbeat_after(nodes, name, restarted_at)  # the first report after the restart
+    assert {m.key: m.state for m in status.models} == dict.fromkeys(wanted, ModelState.LOADED)
+    reports_later(nodes, name)
+    assert http_json(f"{node.ollama_url}/api/ps")["models"] == ps_before
+    assert node.ollama is not None
+    assert node.ollama.tail(400).count("fake ollama: loading") == loads_before
+    assert metric_sum(metrics(node), "vram_model_loads_total") == 0
+
+
+def test_a_model_missing_from_the_registry_fails_once_and_stays_quiet(
+    cluster: SimulatedCluster, nodes: GPUNodes
+) -> None:
+    name = "agent-missing"
+    node = start(cluster, nodes, name, gpu_sizes=[8 * GIB], agent_args=QUICK)
+    nodes.assign(
+        name, "default.ghost", assignment("default.ghost", "no-such-model:7b", vram_bytes=GIB)
+    )
+    failed = in_state(nodes, name, "default.ghost", ModelState.FAILED)
+    assert failed.reason == "PermanentError"
+    assert failed.message is not None
+    assert "permanent" in failed.message
+    time.sleep(4)  # several retry back-offs of QUICK's 1 s, had it been retried
+    reports_later(nodes, name)
+    failures = metrics(node).get(
+        ("vram_model_failures_total", frozenset({("reason", "PermanentError")}))
+    )
+    assert failures == 1
+    # A changed spec (a new generation) is worth one more try.
+    retry = assignment("default.ghost", "no-such-model:7b", vram_bytes=GIB)
+    nodes.assign(name, "default.ghost", retry.model_copy(update={"generation": 2}))
+
+    def failed_again() -> bool:
+        found = metrics(node).get(
+            ("vram_model_failures_total", frozenset({("reason", "PermanentError")}))
+        )
+        return found == 2
+
+    eventually(failed_again, "a second attempt for the new generation")
+
+
+def test_a_vllm_model_on_the_second_gpu_answers_where_its_status_says(
+    cluster: SimulatedCluster, nodes: GPUNodes
+) -> None:
+    """vLLM 0.11 parses CUDA_VISIBLE_DEVICES with int() (platforms/interface.py): the model is
+    started with the second GPU's index, and answers at the endpoint the GPUNode reports,
+    from the node's own address rather than the pod's loopback."""
+    name = "agent-second-gpu"
+    start(cluster, nodes, name, gpu_sizes=[16 * GIB, 16 * GIB], agent_args=QUICK)
+    second = simulated_uuid(name, 1)
+    wanted = assignment("default.qwen", VLLM_MODEL, Backend.VLLM, vram_bytes=4 * GIB)
+    nodes.assign(name, "default.qwen", wanted.model_copy(update={"gpu_uuid": second}))
+    loaded = in_state(nodes, name, "default.qwen", ModelState.LOADED)
+    assert loaded.gpu_uuid == second
+    assert loaded.endpoint is not None
+    host = urllib.parse.urlsplit(loaded.endpoint).hostname
+    assert host is not None
+    assert not host.startswith("127."), loaded.endpoint
+    served = http_json(f"{loaded.endpoint}/models")
+    assert [m["id"] for m in served["data"]] == [VLLM_MODEL]
+    node = cluster.nodes[name]
+    children = http_json(f"{node.supervisor_url}/models")["models"]
+    (child,) = [c for c in children if c["key"] == "default.qwen"]
+    assert child["deviceIndex"] == 1  # what CUDA_VISIBLE_DEVICES said; a UUID ends its start
