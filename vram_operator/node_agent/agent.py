@@ -216,7 +216,7 @@ class NodeAgent:
                 self.registry.put(
                     Entry(
                         key=key,
-                        model=info.model,
+                        model=assignment.model if assignment else info.model,
                         backend=kind,
                         priority=assignment.priority if assignment else Priority.LOW,
                         state=info.state,
@@ -299,7 +299,9 @@ class NodeAgent:
 
     def _differs(self, entry: Entry, assignment: Assignment) -> bool:
         """True when the resident model is not what is assigned (model, backend or GPU)."""
-        if entry.model != assignment.model or entry.backend is not assignment.backend:
+        if entry.backend is not assignment.backend or not same_model(
+            entry.backend, entry.model, assignment.model
+        ):
             return True
         return bool(
             assignment.gpu_uuid and entry.gpu_uuid and assignment.gpu_uuid != entry.gpu_uuid
