@@ -320,6 +320,7 @@ def test_agent_daemonset_defaults(default_release: Release) -> None:
     assert agent["args"] == [
         "agent",
         "--ollama-url=http://127.0.0.1:11434",
+        "--ollama-max-loaded-models=16",
         "--vllm-supervisor-url=http://127.0.0.1:8900",
         "--report-interval=10",
         "--policy=hybrid",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 from urllib.parse import quote, urlencode
@@ -67,6 +68,8 @@ _PERMANENT_DOWNLOAD_ERRORS = (
     "RevisionNotFoundError",
     "does not exist",
 )
+_NOT_RETRYABLE = re.compile(r"exit code 2\b|cannot start|out of memory", re.I)
+"""How a child's end reads when starting it again on this GPU would end the same way."""
 METRICS_TIMEOUT = 5.0
 
 _STATES = {
@@ -294,10 +297,13 @@ class VLLMBackend:
             entry = parse_as(_Entry, await self._api.call("GET", self._path(request.key)), context)
         if entry.state != "running":
             message = entry.message or f"vllm serve is {entry.state}"
-            # Exit code 2 is argparse refusing the command line (engine/arg_utils.py): asking
-            # again gets the same. Anything else (a port taken meanwhile, memory, a crash)
-            # may pass, and is retried with back-off.
-            raise BackendError(message, retryable="exit code 2" not in message, context=context)
+            # Exit code 2 is argparse refusing the command line (engine/arg_utils.py), a
+            # command that cannot start is a broken install, and CUDA out of memory on this
+            # GPU is the operator's to place elsewhere: asking this GPU again gets the same.
+            # Anything else (a port taken meanwhile, a crash) may pass, and is retried.
+            raise BackendError(
+                message, retryable=not _NOT_RETRYABLE.search(message), context=context
+            )
         return self._info(entry, self._clock())
 
     async def unload(self, key: str, model: str) -> None:
