@@ -564,7 +564,8 @@ async def test_vllm_load_failure_reports_vllms_output() -> None:
     backend = VLLMBackend("http://sup", transport=transport, retry=FAST)
     with pytest.raises(BackendError, match="CUDA out of memory") as caught:
         await backend.load(VLLM_REQUEST)
-    assert caught.value.retryable  # a crash may pass; the agent reads "out of memory" itself
+    assert not caught.value.retryable  # this GPU says the same again; the operator re-places
+    assert len(transport.calls) == 1
 
 
 async def test_vllm_refusing_its_command_line_is_not_retried() -> None:

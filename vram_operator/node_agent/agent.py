@@ -243,7 +243,10 @@ class NodeAgent:
                 continue
             task = self._tasks.get(entry.key)
             if task is not None and entry.key not in self._unloading:
-                task.cancel()  # a load of a withdrawn model: stop it; the next pass unloads
+                # A load of a withdrawn model: stop it; the next pass unloads. What it may
+                # already hold is going, so it is reported Unloading, never still Loading.
+                task.cancel()
+                self.registry.update(entry.key, state=ModelState.UNLOADING, reason="Unassigned")
                 continue
             if task is None:
                 # Unloading from this moment: the report must never show it Loaded again.

@@ -190,16 +190,20 @@ class Audit:
         for _, body in versions:
             status = body.get("status") or {}
             for gpu in status.get("gpus") or []:
-                held = sum(
-                    m.get("vramBytes") or 0
+                holding = [
+                    m
                     for m in status.get("models") or []
                     if m.get("gpuUuid") == gpu["uuid"] and m.get("state") in ("Loaded", "Loading")
-                )
+                ]
+                held = sum(m.get("vramBytes") or 0 for m in holding)
                 if held > gpu["totalBytes"]:
                     name, version = body["metadata"]["name"], body["metadata"]["resourceVersion"]
+                    listed = ", ".join(
+                        f"{m.get('key')} {m.get('state')} {m.get('vramBytes')}" for m in holding
+                    )
                     problems.append(
                         f"{name}@{version} {gpu['uuid']}: {held} Loaded+Loading > "
-                        f"{gpu['totalBytes']}"
+                        f"{gpu['totalBytes']} ({listed})"
                     )
         return problems
 
