@@ -151,3 +151,36 @@ def test_set_condition_moves_transition_time_only_on_status_change() -> None:
     assert [c.type for c in set_condition([first], other)] == ["Ready", "Loaded"]
     dumped = kept[0].to_k8s()
     assert dumped["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"model": "a/b", "backend": "vllm", "vllm": {"args": ["--x"] * 65}}, "spec.vllm.args"),
+        ({"model": "a/b", "backend": "vllm", "vllm": {"args": ["x" * 1025]}}, "spec.vllm.args[0]"),
+        (
+            {"model": "a/b", "backend": "vllm", "vllm": {"args": ["x" * 1000] * 9}},
+            "spec.vllm.args",
+        ),
+        (
+            {"model": "a:b", "backend": "ollama", "ollama": {"options": {"stop": ["x"] * 3000}}},
+            "spec.ollama.options",
+        ),
+        (
+            {
+                "model": "a:b",
+                "backend": "ollama",
+                "ollama": {"options": {f"k{i}": 1 for i in range(65)}},
+            },
+            "spec.ollama.options",
+        ),
+        ({"model": "a:b", "backend": "ollama", "keepAlive": "9" * 400 + "s"}, "spec.keepAlive"),
+        ({"model": "a:b", "backend": "ollama", "vram": "1" + "0" * 30}, "spec.vram"),
+    ],
+)
+def test_specs_that_would_overflow_an_object_or_int64_name_the_field(
+    spec: dict[str, object], field: str
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    assert caught.value.field == field

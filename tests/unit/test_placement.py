@@ -485,7 +485,11 @@ def test_a_high_priority_model_displaces_the_fewest_lowest_priority_models() -> 
     assert decision.chosen == (Choice("a", "g"),)
     assert decision.preempted == (Victim("a", "ns.low-big"),)
     assert decision.reason is None
-    assert "displacing ns.low-big on a" in decision.message
+    # The placer is in another namespace: the message must not name the victim.
+    assert "displacing a model of another namespace on a" in decision.message
+    assert "low-big" not in decision.message
+    same = place(request(10, key="ns.chat", priority=Priority.HIGH), [view], CONFIG, NOW)
+    assert "displacing low-big on a" in same.message
 
 
 def test_victims_that_turn_out_unneeded_are_spared() -> None:

@@ -98,3 +98,21 @@ def test_rejects_malformed_durations(text: str) -> None:
 def test_rejects_non_string_duration() -> None:
     with pytest.raises(ValueError, match="got int"):
         parse_duration(30)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["1" + "0" * 100, 2**63, "8Ei", "9223372036854775808"])
+def test_quantities_past_int64_are_refused_before_any_status_carries_them(
+    value: str | int,
+) -> None:
+    with pytest.raises(ValueError, match="too large"):
+        parse_bytes(value)
+
+
+def test_the_largest_int64_quantity_is_accepted() -> None:
+    assert parse_bytes(str(2**63 - 1)) == 2**63 - 1
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "s", "9" * 20 + "h", "8785h", "4000h" * 3])
+def test_durations_are_finite_and_at_most_a_year(text: str) -> None:
+    with pytest.raises(ValueError, match="too long"):
+        parse_duration(text)

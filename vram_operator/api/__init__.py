@@ -26,6 +26,7 @@ from .gpunode import (
     PSIFigures,
     ResidentModel,
     assignment_key,
+    name_in,
 )
 from .modeldeployment import (
     ModelDeployment,
@@ -65,6 +66,7 @@ __all__ = [
     "SpecError",
     "assignment_key",
     "format_bytes",
+    "name_in",
     "now",
     "parse_bytes",
     "parse_duration",

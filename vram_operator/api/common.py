@@ -11,9 +11,12 @@ from pydantic.alias_generators import to_camel
 
 from .quantity import (
     DURATION_HELP,
+    DURATION_MAX_LENGTH,
     DURATION_PATTERN,
+    MAX_BYTES,
     POSITIVE_BYTES_PATTERN,
     QUANTITY_HELP,
+    QUANTITY_MAX_LENGTH,
     parse_duration,
     parse_positive_bytes,
 )
@@ -99,7 +102,9 @@ Quantity = Annotated[
         {
             "x-kubernetes-int-or-string": True,
             "pattern": POSITIVE_BYTES_PATTERN,
+            "maxLength": QUANTITY_MAX_LENGTH,
             "minimum": 1,
+            "maximum": MAX_BYTES,
             "description": f"Memory as {QUANTITY_HELP}.",
         }
     ),
@@ -108,7 +113,11 @@ Quantity = Annotated[
 
 Duration = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, description=f"Idle time as {DURATION_HELP}."),
+    Field(
+        pattern=DURATION_PATTERN,
+        max_length=DURATION_MAX_LENGTH,
+        description=f"Idle time as {DURATION_HELP}.",
+    ),
     AfterValidator(_check_duration),
 ]
 

@@ -9,11 +9,13 @@ from pydantic import ConfigDict, Field
 
 from .common import Backend, CamelModel, Conditions, ModelState, Priority
 from .modeldeployment import OllamaOptions, VLLMOptions
+from .quantity import MAX_BYTES
 
 KIND = "GPUNode"
 PLURAL = "gpunodes"
 
-NonNegative = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+"""Within int64, as the API server stores integers."""
 
 
 def assignment_key(namespace: str, name: str) -> str:
@@ -22,6 +24,16 @@ def assignment_key(namespace: str, name: str) -> str:
     One key per deployment lets concurrent placements merge-patch without overwriting each other.
     """
     return f"{namespace}.{name}"
+
+
+def name_in(key: str, namespace: str) -> str:
+    """How a message shown in `namespace` names the model of assignment `key`: by name within
+    the namespace, anonymously across namespaces, so no tenant learns another's models.
+
+    Namespaces are DNS labels (no dots), so the key's namespace ends at its first dot.
+    """
+    owner, _, name = key.partition(".")
+    return name if owner == namespace and name else "a model of another namespace"
 
 
 class Assignment(CamelModel):

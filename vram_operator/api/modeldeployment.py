@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, Self
 
@@ -46,17 +47,37 @@ class SpecError(ValueError):
         self.message = message
 
 
+MAX_ARGS = 64
+MAX_ARG_LENGTH = 1024
+MAX_ARGS_BYTES = 8192
+MAX_OPTIONS = 64
+MAX_OPTIONS_BYTES = 8192
+"""Sizes that keep a spec far below kopf's annotation and a GPUNode, which carries the
+assignments of every model on the node, below etcd's 1.5 MB object limit."""
+
+
 class VLLMOptions(CamelModel):
     """Options passed to `vllm serve` for this model."""
 
     model_config = ConfigDict(extra="forbid")
 
-    args: list[str] = Field(default_factory=list)
+    args: Annotated[
+        list[Annotated[str, Field(max_length=MAX_ARG_LENGTH)]], Field(max_length=MAX_ARGS)
+    ] = Field(default_factory=list)
     """Extra `vllm serve` arguments, such as `--max-model-len=4096`. The supervisor sets
     --port, --host, --gpu-memory-utilization and --enable-sleep-mode itself."""
 
     sleep_mode: bool = True
     """Allow parking the model in host RAM (vLLM sleep level 1) instead of unloading it."""
+
+    @model_validator(mode="after")
+    def _check_size(self) -> Self:
+        size = sum(len(arg) for arg in self.args)
+        if size > MAX_ARGS_BYTES:
+            raise SpecError(
+                "spec.vllm.args", f"is {size} characters in all; at most {MAX_ARGS_BYTES}"
+            )
+        return self
 
 
 class OllamaOptions(CamelModel):
@@ -64,8 +85,18 @@ class OllamaOptions(CamelModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Annotated[dict[str, Any], Field(max_length=MAX_OPTIONS)] = Field(default_factory=dict)
     """Ollama model options (`num_ctx`, `num_gpu`, ...), passed as `options` to /api/generate."""
+
+    @model_validator(mode="after")
+    def _check_size(self) -> Self:
+        size = len(json.dumps(self.options, separators=(",", ":")))
+        if size > MAX_OPTIONS_BYTES:
+            raise SpecError(
+                "spec.ollama.options",
+                f"is {size} bytes as JSON; at most {MAX_OPTIONS_BYTES} are allowed",
+            )
+        return self
 
 
 class Toleration(CamelModel):

@@ -24,10 +24,17 @@ POSITIVE_BYTES_PATTERN = (
     r"(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 )
 QUANTITY_HELP = "a byte quantity such as 6Gi, 6.5Gi, 500M or 8000000000"
+QUANTITY_MAX_LENGTH = 32
+MAX_BYTES = 2**63 - 1
+"""The largest quantity: Kubernetes stores integers as int64, and a bigger figure in a status
+makes every write of it fail (422)."""
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 DURATION_HELP = "a duration such as 30s, 5m, 1h or 1h30m"
+DURATION_MAX_LENGTH = 32
+MAX_DURATION_SECONDS = 366 * 24 * 3600.0
+"""A year: longer is "forever", which is what leaving the field out means."""
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -41,7 +48,7 @@ def parse_bytes(value: str | int) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"must not be negative, got {value}; expected {QUANTITY_HELP}")
-        return value
+        return _within_int64(value, value)
     if not isinstance(value, str):
         raise ValueError(f"expected {QUANTITY_HELP}, got {type(value).__name__}")
     text = value.strip()
@@ -62,7 +69,13 @@ def parse_bytes(value: str | int) -> int:
     else:
         suffix = match["suffix"] or ""
         scaled = number * (_BINARY.get(suffix) or _DECIMAL[suffix])
-    return math.ceil(scaled)
+    return _within_int64(math.ceil(scaled), value)
+
+
+def _within_int64(result: int, value: str | int) -> int:
+    if result > MAX_BYTES:
+        raise ValueError(f"{value!r} is too large: at most 8Ei (2^63-1 bytes)")
+    return result
 
 
 def parse_positive_bytes(value: str | int) -> int:
@@ -90,6 +103,11 @@ def parse_duration(value: str) -> float:
     text = value.strip()
     if not re.fullmatch(DURATION_PATTERN, text):
         raise ValueError(f"{value!r} is not a duration; expected {DURATION_HELP}")
-    return sum(
+    if len(text) > DURATION_MAX_LENGTH:
+        raise ValueError(f"{value!r} is too long; expected {DURATION_HELP}")
+    seconds = sum(
         float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text)
     )
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{value!r} is too long: at most 8784h (a year); leave it out for none")
+    return seconds

@@ -31,6 +31,7 @@ from vram_operator.api import (
     ModelState,
     Priority,
     format_bytes,
+    name_in,
     set_condition,
 )
 from vram_operator.api.budget import footprint_bytes
@@ -478,8 +479,9 @@ class NodeAgent:
         free = fresh.free_bytes - self.config.min_free_bytes
         if free >= needed:
             return True
+        namespace = key.partition(".")[0]
         holders = [
-            f"{e.key} {format_bytes(e.vram_bytes or 0)} {e.state.lower()}"
+            f"{name_in(e.key, namespace)} {format_bytes(e.vram_bytes or 0)} {e.state.lower()}"
             for e in self.registry.snapshot()
             if e.key != key and e.gpu_uuid == gpu.uuid and e.state is not ModelState.EVICTED
         ]

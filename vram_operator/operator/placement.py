@@ -42,6 +42,7 @@ from vram_operator.api import (
     Priority,
     ResidentModel,
     format_bytes,
+    name_in,
 )
 from vram_operator.api.budget import footprint_bytes
 from vram_operator.api.modeldeployment import Toleration
@@ -556,7 +557,7 @@ def place(
         taken.add(node)
     reason: PendingReason | None = None
     if tally is None:
-        message = _success_message(keep, chosen, preempted, lost)
+        message = _success_message(request.key, keep, chosen, preempted, lost)
     else:
         # InsufficientVRAM only when memory is what is missing; otherwise no node qualifies.
         short_of_memory = tally.small_gpus > 0
@@ -578,15 +579,18 @@ def place(
 
 
 def _success_message(
-    keep: list[str], chosen: list[Choice], preempted: list[Victim], lost: list[str]
+    key: str, keep: list[str], chosen: list[Choice], preempted: list[Victim], lost: list[str]
 ) -> str:
+    namespace = key.partition(".")[0]
     parts = []
     if chosen:
         parts.append("placed on " + ", ".join(f"{c.node} ({c.gpu_uuid})" for c in chosen))
     if keep:
         parts.append("kept on " + ", ".join(keep))
     if preempted:
-        parts.append("displacing " + ", ".join(f"{v.key} on {v.node}" for v in preempted))
+        parts.append(
+            "displacing " + ", ".join(f"{name_in(v.key, namespace)} on {v.node}" for v in preempted)
+        )
     if lost:
         parts.append("withdrawing from lost node(s) " + ", ".join(lost))
     return "; ".join(parts) or "no replicas requested"

@@ -40,6 +40,7 @@ from vram_operator.api import (
     ResidentModel,
     SpecError,
     assignment_key,
+    name_in,
     now,
     parse_bytes,
     parse_spec,
@@ -408,7 +409,8 @@ class OperatorService:
             displaced = []
             for victim in decision.preempted:
                 self._unassign(victim.key, victim.node, changes[victim.node])
-                self._preempted[victim.key] = f"displaced from {victim.node} by {key}"
+                by = name_in(key, victim.key.partition(".")[0])
+                self._preempted[victim.key] = f"displaced from {victim.node} by {by}"
                 self.metrics.placements.labels("preempted").inc()
                 displaced.append(victim.key)
             for node in decision.remove:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vram_operator.api import HostMemory, MemoryPressure, PSIFigures
+from vram_operator.api.quantity import MAX_BYTES
 
 MEMINFO = "meminfo"
 PSI_MEMORY = "pressure/memory"
@@ -47,7 +48,7 @@ def _meminfo_bytes(key: str, rest: str) -> int:
         raise ValueError(f"{key} in /proc/meminfo is not '<number> kB': {rest.strip()!r}")
     if not _WHOLE.fullmatch(parts[0]):
         raise ValueError(f"{key} in /proc/meminfo is not a number: {parts[0]!r}")
-    return int(parts[0]) * _KIB
+    return min(int(parts[0]) * _KIB, MAX_BYTES)  # a figure past int64 would fail every write
 
 
 def parse_psi(text: str) -> MemoryPressure:
@@ -86,7 +87,7 @@ def _psi_figures(kind: str, rest: str) -> PSIFigures:
         avg10=averages["avg10"],
         avg60=averages["avg60"],
         avg300=averages["avg300"],
-        total=int(total),
+        total=min(int(total), MAX_BYTES),
     )
 
 
