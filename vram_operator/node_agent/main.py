@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from vram_operator.api import Backend, parse_bytes
 from vram_operator.kubeconfig import api_client
-from vram_operator.metrics_server import serve_metrics
+from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
 
 from .agent import AgentConfig, NodeAgent
 from .backends import ModelBackend, OllamaBackend, VLLMBackend
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait before retrying a failed load; doubles per failure up to --retry-max-seconds",
     )
     parser.add_argument("--retry-max-seconds", type=float, default=300.0)
-    parser.add_argument("--metrics-port", type=int, default=9400, help="0 disables /metrics")
-    parser.add_argument("--metrics-host", default="0.0.0.0")
+    add_metrics_arguments(parser, port=9400)
     parser.add_argument("--proc", default="/proc", help="root of the proc filesystem")
     parser.add_argument(
         "--simulate-gpus",
@@ -122,8 +121,8 @@ async def _run(args: argparse.Namespace) -> int:
     metrics = AgentMetrics()
     runner = None
     if args.metrics_port:
-        runner = await serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
-        log.info("metrics on http://%s:%s/metrics", args.metrics_host, args.metrics_port)
+        runner = await serve_metrics(metrics.registry, args.metrics_address, args.metrics_port)
+        log.info("metrics on http://%s:%s/metrics", args.metrics_address, args.metrics_port)
     backends = _backends(args)
     gpus = _gpu_source(args)
     client = api_client(args.kubeconfig)

@@ -15,7 +15,7 @@ import kopf
 
 from vram_operator.api import parse_bytes
 from vram_operator.kubeconfig import api_client
-from vram_operator.metrics_server import serve_metrics
+from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
 
 from .handlers import registry
 from .leader import LeaderElector
@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=OperatorConfig.workers,
         help="ModelDeployments reconciled at once (never one object twice at once)",
     )
-    parser.add_argument("--metrics-port", type=int, default=9300, help="0 disables /metrics")
-    parser.add_argument("--metrics-host", default="0.0.0.0")
+    add_metrics_arguments(parser, port=9300)
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -78,7 +77,7 @@ async def _run(args: argparse.Namespace) -> int:
     metrics = OperatorMetrics()
     runner = None
     if args.metrics_port:
-        runner = await serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
+        runner = await serve_metrics(metrics.registry, args.metrics_address, args.metrics_port)
     elector = LeaderElector(client, args.namespace, args.lease_name, args.identity)
     try:
         if not await elector.acquire(stop):
