@@ -25,6 +25,10 @@ COMPONENTS = {
         "vram_operator.localcluster",
         "run a local kube-apiserver + etcd and print its kubeconfig",
     ),
+    "gateway": (
+        "vram_operator.gateway.main",
+        "serve the OpenAI and Ollama APIs for every resident model",
+    ),
     "demo": ("vram_operator.demo", "local control plane + simulated GPU nodes + operator"),
 }
 

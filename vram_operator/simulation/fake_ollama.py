@@ -43,6 +43,13 @@ The model registry is a catalog: a few real models with realistic sizes, and any
 `name:tag` as a small generic model so tests can invent names. A bare name (no tag) that is not
 in the catalog does not exist, and pulling it fails as pulling an unknown model does.
 
+The OpenAI-compatible API (openai/openai.go, middleware/openai.go): /v1/models,
+/v1/chat/completions, /v1/completions (a string prompt only, issue #5259) and /v1/embeddings,
+streamed as server-sent events ending `data: [DONE]` or not, errors in openai.NewError's shape.
+With `tools`, the simulated model calls the first one (arguments filled per required
+parameter), in /api/chat as `message.tool_calls` and in /v1 as `tool_calls` with
+finish_reason `tool_calls`. Replies are deterministic: the same words for a model every time.
+
 Where it is simpler than Ollama: layers are equal slices of the model; host memory for
 offloaded layers is not accounted; a request holds its runner only while it is answered.
 
@@ -555,6 +562,10 @@ class FakeOllama:
         app.router.add_post("/api/generate", self._generate)
         app.router.add_post("/api/chat", self._chat)
         app.router.add_post("/api/embed", self._embed)
+        app.router.add_get("/v1/models", self._openai_models)
+        app.router.add_post("/v1/chat/completions", self._openai_chat)
+        app.router.add_post("/v1/completions", self._openai_completions)
+        app.router.add_post("/v1/embeddings", self._openai_embeddings)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -991,9 +1002,15 @@ class FakeOllama:
             self._release(runner, session)
             return _json_response(self._reply(requested, chat, "", "load"))
         words = f"This is a simulated reply from {pulled.name}.".split(" ")
+        calls = _tool_calls(body.get("tools")) if chat else []
+        if calls:  # the model calls a tool instead of answering in words
+            words = []
 
         def final(text: str) -> Json:
-            return self._reply(requested, chat, text, "stop") | {
+            reply = self._reply(requested, chat, text, "stop")
+            if calls and body.get("stream") is False:
+                reply["message"]["tool_calls"] = calls
+            return reply | {
                 "total_duration": int((time.monotonic() - started) * 1e9),
                 "load_duration": int(load_seconds * 1e9),
                 "prompt_eval_count": len(prompt.split()),
@@ -1009,6 +1026,10 @@ class FakeOllama:
             await response.prepare(request)
             for index, word in enumerate(words):
                 chunk = self._reply(requested, chat, word if index == 0 else f" {word}", None)
+                await response.write(_line(chunk))
+            if calls:  # streamed as one chunk once parsed (server/routes.go ChatHandler)
+                chunk = self._reply(requested, chat, "", None)
+                chunk["message"]["tool_calls"] = calls
                 await response.write(_line(chunk))
             await response.write(_line(final("")))
             await response.write_eof()
@@ -1040,6 +1061,194 @@ class FakeOllama:
         size = pulled.model.embedding_length
         return _json_response(
             {"model": requested, "embeddings": [_vector(str(text), size) for text in texts]}
+        )
+
+    # ---- the OpenAI-compatible API (openai/openai.go and middleware/openai.go, v0.12.3) -------
+    # Ollama serves it by rewriting each request into its own (/api/chat, /api/generate,
+    # /api/embed) and the answer back; errors are openai.NewError's shape, `code` null.
+
+    async def _openai_models(self, request: web.Request) -> web.Response:
+        """ToListCompletion: the models /api/tags lists, `owned_by` their namespace."""
+        pulled = sorted(self._pulled.values(), key=lambda p: p.modified, reverse=True)
+        data = [
+            {
+                "id": p.name,
+                "object": "model",
+                "created": int(p.modified.timestamp()),
+                "owned_by": parse_name(p.name).namespace,
+            }
+            for p in pulled
+        ]
+        return _json_response({"object": "list", "data": data})
+
+    async def _openai_runner(
+        self, request: web.Request
+    ) -> tuple[Json, _Pulled, _Runner] | web.Response:
+        """The body, the model and a runner holding a reference, or the OpenAI-shaped error."""
+        try:
+            body = json.loads(await request.text())
+        except ValueError as err:
+            return _openai_error(400, str(err))
+        if not isinstance(body, dict):
+            return _openai_error(400, "invalid request")
+        requested = str(body.get("model") or "")
+        pulled = self._find(requested) if parse_name(requested).valid else None
+        if pulled is None:
+            return _openai_error(404, f"model '{requested}' not found")
+        try:
+            runner, _ = await self._runner_for(pulled, runner_options(pulled.parameters, None))
+        except _LoadError as err:
+            return _openai_error(err.status, str(err))
+        return body, pulled, runner
+
+    async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
+        """ChatMiddleware: ToChatCompletion, or ToChunk per streamed word then [DONE]."""
+        found = await self._openai_runner(request)
+        if isinstance(found, web.Response):
+            return found
+        body, pulled, runner = found
+        try:
+            if pulled.model.embedding:
+                return _openai_error(400, f'"{body["model"]}" does not support chat')
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                return _openai_error(400, "[] is too short - 'messages'")
+            calls = _tool_calls(body.get("tools"))
+            words = [] if calls else f"This is a simulated reply from {pulled.name}.".split(" ")
+            prompt = " ".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
+            openai_calls = [
+                {
+                    "id": "call_" + hashlib.sha256(json.dumps(c).encode()).hexdigest()[:8],
+                    "index": index,
+                    "type": "function",
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": _compact(c["function"]["arguments"]),
+                    },
+                }
+                for index, c in enumerate(calls)
+            ]
+            reason = "tool_calls" if calls else "stop"
+            usage = _usage(prompt, words)
+            chat_id = f"chatcmpl-{len(prompt) % 1000}"
+            head = {
+                "id": chat_id,
+                "created": int(self._clock().timestamp()),
+                "model": body["model"],
+                "system_fingerprint": "fp_ollama",
+            }
+            if not body.get("stream"):
+                message: Json = {"role": "assistant", "content": " ".join(words)}
+                if openai_calls:
+                    message["tool_calls"] = openai_calls
+                choice = {"index": 0, "message": message, "finish_reason": reason}
+                return _json_response(
+                    {"object": "chat.completion", **head, "choices": [choice], "usage": usage}
+                )
+            deltas: list[Json] = [
+                {"role": "assistant", "content": w if i == 0 else f" {w}"}
+                for i, w in enumerate(words)
+            ]
+            if openai_calls:
+                deltas.append({"role": "assistant", "content": "", "tool_calls": openai_calls})
+            deltas.append({"role": "assistant", "content": ""})
+            chunks = [
+                {
+                    "object": "chat.completion.chunk",
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": delta,
+                            "finish_reason": reason if i == len(deltas) - 1 else None,
+                        }
+                    ],
+                }
+                for i, delta in enumerate(deltas)
+            ]
+            return await _sse(request, chunks, head, usage, body.get("stream_options"))
+        finally:
+            self._release(runner, None)
+
+    async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
+        """CompletionsMiddleware: ToCompletion, or ToCompleteChunk per word then [DONE].
+        The prompt must be a string (openai.go CompletionRequest, issue #5259)."""
+        found = await self._openai_runner(request)
+        if isinstance(found, web.Response):
+            return found
+        body, pulled, runner = found
+        try:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                return _openai_error(
+                    400,
+                    "json: cannot unmarshal array into Go struct field "
+                    "CompletionRequest.prompt of type string",
+                )
+            if pulled.model.embedding:
+                return _openai_error(400, f'"{body["model"]}" does not support generate')
+            words = f"This is a simulated reply from {pulled.name}.".split(" ")
+            limit = body.get("max_tokens")
+            reason = "stop"
+            if isinstance(limit, int) and limit < len(words):
+                words, reason = words[: max(limit, 0)], "length"
+            head = {
+                "id": f"cmpl-{len(prompt) % 1000}",
+                "created": int(self._clock().timestamp()),
+                "model": body["model"],
+                "system_fingerprint": "fp_ollama",
+            }
+            usage = _usage(prompt, words)
+            if not body.get("stream"):
+                choice = {"text": " ".join(words), "index": 0, "finish_reason": reason}
+                return _json_response(
+                    {"object": "text_completion", **head, "choices": [choice], "usage": usage}
+                )
+            texts = [w if i == 0 else f" {w}" for i, w in enumerate(words)] + [""]
+            chunks = [
+                {
+                    "object": "text_completion",
+                    **head,
+                    "choices": [
+                        {
+                            "text": text,
+                            "index": 0,
+                            "finish_reason": reason if i == len(texts) - 1 else None,
+                        }
+                    ],
+                }
+                for i, text in enumerate(texts)
+            ]
+            return await _sse(request, chunks, head, usage, body.get("stream_options"))
+        finally:
+            self._release(runner, None)
+
+    async def _openai_embeddings(self, request: web.Request) -> web.Response:
+        """EmbeddingsMiddleware: input a string or a list of strings; ToEmbeddingList."""
+        found = await self._openai_runner(request)
+        if isinstance(found, web.Response):
+            return found
+        body, pulled, runner = found
+        self._release(runner, None)
+        raw = body.get("input")
+        if raw is None or raw == "" or raw == []:
+            return _openai_error(400, "invalid input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _openai_error(400, "invalid input")
+        size = pulled.model.embedding_length
+        data = [
+            {"object": "embedding", "embedding": _vector(text, size), "index": index}
+            for index, text in enumerate(texts)
+        ]
+        tokens = sum(max(len(text.split()), 1) for text in texts)
+        return _json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )
 
     def _reply(self, requested: str, chat: bool, text: str, reason: str | None) -> Json:
@@ -1092,6 +1301,62 @@ async def _body(request: web.Request) -> Json | web.Response:
     if not isinstance(body, dict):
         return _error("request body must be a JSON object", 400)
     return body
+
+
+def _openai_error(status: int, message: str) -> web.Response:
+    """openai.NewError (openai/openai.go, v0.12.3): the type by status, `code` null."""
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    error = {"message": message, "type": kind, "param": None, "code": None}
+    return _json_response({"error": error}, status)
+
+
+def _usage(prompt: str, words: list[str]) -> Json:
+    prompt_tokens = max(len(prompt.split()), 1)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(words),
+        "total_tokens": prompt_tokens + len(words),
+    }
+
+
+async def _sse(
+    request: web.Request, chunks: list[Json], head: Json, usage: Json, stream_options: Any
+) -> web.StreamResponse:
+    """Server-sent events as the OpenAI middleware writes them: `data: {json}` per chunk, a
+    usage chunk with no choices when stream_options.include_usage, then `data: [DONE]`."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in chunks:
+        await response.write(b"data: " + _compact(chunk).encode() + b"\n\n")
+    if isinstance(stream_options, dict) and stream_options.get("include_usage"):
+        last = {**chunks[-1], "choices": [], "usage": usage} | {"object": chunks[-1]["object"]}
+        await response.write(b"data: " + _compact(last).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _tool_calls(tools: Any) -> list[Json]:
+    """The simulated model's answer to a request with tools: it calls the first function,
+    with a value for each required parameter (api/types.go ToolCall: `function` with `index`,
+    `name` and `arguments` as an object). No tools, no call."""
+    if not isinstance(tools, list) or not tools:
+        return []
+    first: Json = tools[0] if isinstance(tools[0], dict) else {}
+    function: Json = first["function"] if isinstance(first.get("function"), dict) else {}
+    name = str(function.get("name") or "")
+    if not name:
+        return []
+    parameters: Json = (
+        function["parameters"] if isinstance(function.get("parameters"), dict) else {}
+    )
+    properties: Json = parameters.get("properties") or {}
+    defaults = {"integer": 0, "number": 0, "boolean": False, "array": [], "object": {}}
+    arguments = {
+        key: defaults.get(str((properties.get(key) or {}).get("type")), "simulated")
+        for key in parameters.get("required") or []
+    }
+    return [{"function": {"index": 0, "name": name, "arguments": arguments}}]
 
 
 def _vector(text: str, size: int) -> list[float]:

@@ -20,7 +20,12 @@ vLLM 0.11.0 (the version the chart pins), file named beside it:
   /health, /version (`{"version": "0.11.0"}`), /v1/models, /v1/completions,
   /v1/chat/completions (short canned replies; `"stream": true` answers text/event-stream
   chunks ending with `data: [DONE]`, vllm/entrypoints/openai/serving_chat.py and
-  serving_completion.py) and /metrics with vLLM's metric names.
+  serving_completion.py), /v1/embeddings for a pooling model (`--runner pooling`, or `auto`
+  with "embed" in the name; a generative one answers 400 "The model does not support
+  Embeddings API", and a pooling one so for chat and completions, api_server.py), tool calls
+  (tools without tool_choice are "auto", which needs --enable-auto-tool-choice and
+  --tool-call-parser, else 400; serving_chat.py, protocol.py check_tool_usage) and /metrics
+  with vLLM's metric names. Replies are deterministic: the same words for a model every time.
 - /sleep?level=1, /wake_up and /is_sleeping exist only with VLLM_SERVER_DEV_MODE=1
   (vllm/entrypoints/openai/api_server.py registers them under `if envs.VLLM_SERVER_DEV_MODE`);
   sleeping returns all but a small residual of the memory (needs --enable-sleep-mode).
@@ -114,6 +119,8 @@ class FakeVLLM:
         request_seconds: float = 0.0,
         dev_mode: bool = False,
         on_crash: Callable[[str], None] | None = None,
+        runner: str = "auto",
+        auto_tools: bool = False,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
@@ -128,6 +135,11 @@ class FakeVLLM:
         self.sleep_mode = sleep_mode
         self.request_seconds = request_seconds
         self.dev_mode = dev_mode
+        self.pooling = runner == "pooling" or (runner == "auto" and "embed" in model.lower())
+        """A pooling model serves /v1/embeddings and nothing generative (vllm/config/model.py
+        picks the runner from the architecture; the fake goes by the name)."""
+        self.auto_tools = auto_tools
+        """--enable-auto-tool-choice with a --tool-call-parser: tool_choice "auto" works."""
         self.crashed: str | None = None
         """Why the engine died, once it has (see `crash`)."""
         self._on_crash = on_crash
@@ -198,6 +210,7 @@ class FakeVLLM:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/metrics", self._metrics)
         if self.dev_mode:  # vllm/entrypoints/openai/api_server.py: only with VLLM_SERVER_DEV_MODE
             app.router.add_post("/sleep", self._sleep)
@@ -255,6 +268,10 @@ class FakeVLLM:
         body, failure = await self._request(request)
         if failure is not None:
             return failure
+        if self.pooling:  # api_server.py create_completion: no handler for a pooling model
+            return _openai_error(
+                "The model does not support Completions API", "BadRequestError", 400
+            )
         prompt = body.get("prompt", "")
         text_in = " ".join(prompt) if isinstance(prompt, list) else str(prompt)
         if body.get("stream"):
@@ -275,11 +292,20 @@ class FakeVLLM:
         body, failure = await self._request(request)
         if failure is not None:
             return failure
+        if self.pooling:  # api_server.py create_chat_completion: no handler
+            return _openai_error(
+                "The model does not support Chat Completions API", "BadRequestError", 400
+            )
         messages = body.get("messages")
         if not isinstance(messages, list):
             return _openai_error("messages must be a list", "BadRequestError", 400)
         text_in = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        calls = self._tool_calls(body)
+        if isinstance(calls, web.Response):
+            return calls
+        if calls:
+            return await self._tool_answer(request, body, text_in, calls)
         if body.get("stream"):
             return await self._stream(request, "chat.completion.chunk", text_in, limit)
         text, reason, usage = await self._generate(text_in, limit)
@@ -292,11 +318,135 @@ class FakeVLLM:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": _message(text, []),
+                        "logprobs": None,
                         "finish_reason": reason,
+                        "stop_reason": None,
                     }
                 ],
                 "usage": usage,
+            }
+        )
+
+    def _tool_calls(self, body: Json) -> list[Json] | web.Response:
+        """The functions the simulated model calls, as vLLM 0.11 decides whether it may:
+        tools without tool_choice mean "auto" (protocol.py check_tool_usage), which needs
+        --enable-auto-tool-choice and --tool-call-parser (serving_chat.py, else 400); "none"
+        calls nothing; a named choice calls that function; "required" and "auto" the first."""
+        tools = body.get("tools") or []
+        choice = body.get("tool_choice", "auto" if tools else None)
+        if choice is None or choice == "none":
+            return []
+        if not tools:
+            message = "When using `tool_choice`, `tools` must be set."
+            return _openai_error(message, "BadRequestError", 400)
+        if choice not in ("auto", "required") and not isinstance(choice, dict):
+            message = (
+                f"Invalid value for `tool_choice`: {choice}! Only named tools, "
+                '"none", "auto" or "required" are supported.'
+            )
+            return _openai_error(message, "BadRequestError", 400)
+        if choice == "auto" and not self.auto_tools:
+            message = (
+                '"auto" tool choice requires --enable-auto-tool-choice and '
+                "--tool-call-parser to be set"
+            )
+            return _openai_error(message, "BadRequestError", 400)
+        functions = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+        if isinstance(choice, dict):
+            wanted = (choice.get("function") or {}).get("name")
+            functions = [f for f in functions if f.get("name") == wanted]
+            if not functions:
+                message = f"Tool '{wanted}' has not been passed in `tools`."
+                return _openai_error(message, "BadRequestError", 400)
+        function = functions[0]
+        parameters = function.get("parameters") or {}
+        properties = parameters.get("properties") or {}
+        defaults = {"integer": 0, "number": 0, "boolean": False, "array": [], "object": {}}
+        arguments = {
+            key: defaults.get(str((properties.get(key) or {}).get("type")), "simulated")
+            for key in parameters.get("required") or []
+        }
+        name = str(function.get("name"))
+        digest = hashlib.sha256(f"{name}{arguments}".encode()).hexdigest()[:32]
+        call = {
+            "id": f"chatcmpl-tool-{digest}",  # protocol.py make_tool_call_id: random there
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)},
+        }
+        return [call]
+
+    async def _tool_answer(
+        self, request: web.Request, body: Json, prompt: str, calls: list[Json]
+    ) -> web.StreamResponse:
+        """A chat answer that is a tool call; finish_reason `tool_calls` for an auto choice,
+        else what the engine stopped with (serving_chat.py chat_completion_full_generator)."""
+        reason = "tool_calls" if body.get("tool_choice", "auto") == "auto" else "stop"
+        arguments = calls[0]["function"]["arguments"]
+        usage = self._count_finished(prompt, arguments.split(), reason)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.served_model_name,
+        }
+        if not body.get("stream"):
+            choice = {
+                "index": 0,
+                "message": _message("", calls),
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": None,
+            }
+            return web.json_response(
+                {"object": "chat.completion", **head, "choices": [choice], "usage": usage}
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        deltas = [
+            {"role": "assistant", "content": ""},
+            {"tool_calls": [{"index": 0, **calls[0]}]},
+        ]
+        for index, delta in enumerate(deltas):
+            last = index == len(deltas) - 1
+            choice = {"index": 0, "delta": delta, "finish_reason": reason if last else None}
+            chunk = {"object": "chat.completion.chunk", **head, "choices": [choice]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """/v1/embeddings (serving_embedding.py, protocol.py EmbeddingResponse): only a pooling
+        model has the handler; input a string, a list of strings, or token ids."""
+        body, failure = await self._request(request)
+        if failure is not None:
+            return failure
+        if not self.pooling:  # api_server.py create_embedding: no handler
+            return _openai_error(
+                "The model does not support Embeddings API", "BadRequestError", 400
+            )
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not texts:
+            return _openai_error("input must be a string or a list", "BadRequestError", 400)
+        data = [
+            {"index": index, "object": "embedding", "embedding": _vector(str(text), 384)}
+            for index, text in enumerate(texts)
+        ]
+        tokens = sum(max(len(str(text).split()), 1) for text in texts)
+        return web.json_response(
+            {
+                "id": f"embd-{uuid.uuid4().hex}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": self.served_model_name,
+                "data": data,
+                "usage": {
+                    "prompt_tokens": tokens,
+                    "total_tokens": tokens,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
             }
         )
 
@@ -420,6 +570,28 @@ class FakeVLLM:
         return web.json_response({"is_sleeping": self.sleeping})
 
 
+def _message(content: str, tool_calls: list[Json]) -> Json:
+    """protocol.py ChatMessage as vLLM serializes it: tool_calls always a list."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": tool_calls,
+        "reasoning_content": None,
+    }
+
+
+def _vector(text: str, size: int) -> list[float]:
+    """A deterministic unit vector per text."""
+    seed = hashlib.sha256(text.encode()).digest()
+    raw = [seed[i % len(seed)] - 127.5 for i in range(size)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
 _VALUE_FLAGS = (
     "--dtype",
     "--tokenizer",
@@ -478,6 +650,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_command.add_argument("--enable-sleep-mode", action="store_true")
     serve_command.add_argument("--served-model-name", nargs="+")
     serve_command.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    # vllm/config/model.py RunnerOption; engine/arg_utils.py adds it as --runner.
+    serve_command.add_argument(
+        "--runner", choices=["auto", "generate", "pooling", "draft"], default="auto"
+    )
     for flag in _VALUE_FLAGS:
         serve_command.add_argument(flag)
     for flag in _SWITCHES:
@@ -568,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             request_seconds=_seconds("VRAM_SIM_VLLM_REQUEST_SECONDS"),
             dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
             on_crash=crash,
+            runner=args.runner,
+            auto_tools=bool(args.enable_auto_tool_choice and args.tool_call_parser),
         )
         fake.allocate()
     except SimulatedOutOfMemory as err:
