@@ -15,6 +15,7 @@ from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
 
 from .agent import AgentConfig, NodeAgent
 from .backends import ModelBackend, OllamaBackend, VLLMBackend
+from .demand import DemandAwareBackend, GatewayDemand
 from .eviction import EvictionConfig
 from .metrics import AgentMetrics
 from .monitors import GPUSource, HostMonitor, detect_gpu_source
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         "operator places no more Ollama models on this node",
     )
     parser.add_argument("--vllm-supervisor-url", default=None, help="e.g. http://127.0.0.1:8900")
+    parser.add_argument(
+        "--gateway-demand-url",
+        default=None,
+        help="the gateway's /demand, e.g. its headless Service (every replica is read): last "
+        "request times join the backends' own for eviction recency",
+    )
     parser.add_argument(
         "--policy", choices=["lru", "priority", "hybrid"], default="hybrid", help="eviction policy"
     )
@@ -93,6 +100,9 @@ def _backends(args: argparse.Namespace) -> dict[Backend, ModelBackend]:
         )
     if args.vllm_supervisor_url:
         backends[Backend.VLLM] = VLLMBackend(args.vllm_supervisor_url)
+    if args.gateway_demand_url:
+        demand = GatewayDemand(args.gateway_demand_url, interval=args.report_interval / 2)
+        return {kind: DemandAwareBackend(b, demand) for kind, b in backends.items()}
     return backends
 
 

@@ -1,0 +1,100 @@
+"""The agent's side of gateway demand: merging replicas' /demand, and recency from it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from vram_operator.api import Backend, ModelState
+from vram_operator.node_agent.backends.base import ResidentInfo
+from vram_operator.node_agent.demand import SCHEMA, DemandAwareBackend, GatewayDemand, merge
+
+pytestmark = pytest.mark.unit
+
+T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def snapshot(*entries: tuple[str, str, str, dt.datetime | None]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "models": [
+            {
+                "key": key,
+                "backend": backend,
+                "model": model,
+                "lastRequestTime": at.isoformat().replace("+00:00", "Z") if at else None,
+            }
+            for key, backend, model, at in entries
+        ],
+    }
+
+
+def test_the_latest_time_over_replicas_wins_by_key_and_by_model() -> None:
+    later = T0 + dt.timedelta(seconds=30)
+    latest = merge(
+        [
+            snapshot(("default.chat", "ollama", "Llama3.2:1B", T0)),
+            snapshot(
+                ("default.chat", "ollama", "llama3.2:1b", later), ("default.q", "vllm", "Q", None)
+            ),
+            {"schema": "something/else", "models": [{"key": "default.chat"}]},
+        ]
+    )
+    assert latest["default.chat"] == later
+    ollama_keys = [k for k in latest if isinstance(k, tuple)]
+    assert len(ollama_keys) == 1  # both spellings are one Ollama model
+    assert "default.q" not in latest  # never requested
+
+
+class Inner:
+    """A backend that reports what it is told."""
+
+    kind = Backend.OLLAMA
+    can_park = False
+
+    def __init__(self, resident: list[ResidentInfo]) -> None:
+        self.resident = resident
+
+    async def list_resident(self) -> list[ResidentInfo]:
+        return self.resident
+
+
+class Fixed(GatewayDemand):
+    """Demand read from given snapshots instead of the network."""
+
+    def __init__(self, snapshots: list[dict[str, Any]]) -> None:
+        super().__init__("http://gateway:8080")
+        self.snapshots = snapshots
+
+    async def refresh(self) -> None:
+        self._latest = merge(self.snapshots)
+
+
+def info(model: str, last: dt.datetime | None) -> ResidentInfo:
+    return ResidentInfo(
+        model=model,
+        key=None,
+        vram_bytes=None,
+        gpu_uuid=None,
+        state=ModelState.LOADED,
+        last_access=last,
+    )
+
+
+async def test_resident_models_take_the_later_of_backend_and_gateway_times() -> None:
+    later = T0 + dt.timedelta(minutes=5)
+    inner = Inner([info("llama3.2:1b", T0), info("qwen2.5:7b", later), info("other:1b", None)])
+    demand = Fixed(
+        [
+            snapshot(
+                ("default.a", "ollama", "llama3.2:1b", later),
+                ("default.b", "ollama", "qwen2.5:7b", T0),
+            )
+        ]
+    )
+    wrapped = DemandAwareBackend(inner, demand)  # type: ignore[arg-type]
+    reported = await wrapped.list_resident()
+    assert [r.last_access for r in reported] == [later, later, None]
+    assert wrapped.kind is Backend.OLLAMA
