@@ -274,6 +274,9 @@ def test_helm_install_creates_everything(default_release: Release, kubectl: Kube
         + ["ClusterRole", "ClusterRoleBinding"] * 2
         + ["Role", "RoleBinding", "Deployment", "PodDisruptionBudget", "DaemonSet"]
         + ["Service"] * 2
+        # the gateway: its identity, read-only rights, Deployment, two Services, NetworkPolicy
+        + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy"]
+        + ["Service"] * 2
     )
     # helm installed crds/ first; they are the generated ones (a unit test checks the bytes).
     crds = kubectl("get", "crd", "modeldeployments.vram.dev", "gpunodes.vram.dev", "-o", "name")
@@ -317,9 +320,10 @@ def test_agent_daemonset_defaults(default_release: Release) -> None:
     assert list(containers) == ["agent", "ollama", "vllm"]
 
     agent = containers["agent"]
+    demand = f"{default_release.name}-vram-operator-gateway-demand.{default_release.namespace}"
     assert agent["args"] == [
         "agent",
-        "--ollama-url=http://127.0.0.1:11434",
+        "--ollama-url=http://$(POD_IP):11434",  # the address the gateway reaches it at
         "--ollama-max-loaded-models=16",
         "--vllm-supervisor-url=http://127.0.0.1:8900",
         "--report-interval=10",
@@ -330,6 +334,7 @@ def test_agent_daemonset_defaults(default_release: Release) -> None:
         "--metrics-port=9400",
         "--proc=/host/proc",
         "--log-level=INFO",
+        f"--gateway-demand-url=http://{demand}.svc:8080/demand",
     ]
     env = _env(agent)
     assert env["NODE_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}
@@ -428,7 +433,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 @pytest.mark.parametrize("switches", [False, True], ids=["defaults", "all-switches"])
 def test_rendered_command_lines_parse(helm: Helm, all_switches: Path, switches: bool) -> None:
     docs = helm.render("cli", "vram-system", all_switches if switches else None)
-    operator = _containers(_find(docs, "Deployment"))["operator"]
+    operator = _containers(_find(docs, "Deployment", "-operator"))["operator"]
     parsed = _parse(operator["args"])
     assert parsed.metrics_port == 9300
     assert parsed.strategy == ("spread" if switches else "binpack")
@@ -456,13 +461,15 @@ def test_switches_that_remove_parts(helm: Helm) -> None:
     daemonset = _find(no_sidecars, "DaemonSet")
     containers = _containers(daemonset)
     assert list(containers) == ["agent"]
-    assert not any("-url=" in arg for arg in containers["agent"]["args"])
+    backend_urls = ("--ollama-url=", "--vllm-supervisor-url=")
+    assert not any(arg.startswith(backend_urls) for arg in containers["agent"]["args"])
     volumes = {v["name"] for v in daemonset["spec"]["template"]["spec"]["volumes"]}
     assert volumes == {"host-proc", "tmp"}
 
     no_agent = helm.render(
         "bare", "vram-system", None,
         "--set", "agent.enabled=false,metrics.service.enabled=false,operator.replicas=1",
+        "--set", "gateway.enabled=false",
     )  # fmt: skip
     kinds = sorted(d["kind"] for d in no_agent if d["kind"] != "CustomResourceDefinition")
     assert kinds == sorted(
@@ -570,3 +577,95 @@ def test_rbac_as_seen_by_the_authorizer(
     args = [a.replace("{ns}", default_release.namespace) for a in extra]
     who = default_release.service_account(component)
     assert _can(kubectl, who, verb, resource, *args) is allowed
+
+
+# --- the gateway ---------------------------------------------------------------------------------
+
+
+def test_gateway_is_two_replicas_behind_a_service_and_the_only_path_to_the_backends(
+    default_release: Release,
+) -> None:
+    deployment = default_release.stored_object("Deployment", "-gateway")
+    assert deployment["spec"]["replicas"] == 2
+    (gateway,) = _containers(deployment).values()
+    parsed = _parse(gateway["args"])
+    assert (parsed.port, parsed.queue_size, parsed.queue_timeout) == (8080, 100, 120.0)
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+
+    service = default_release.stored_object("Service", "-gateway")
+    assert service["spec"]["selector"] == selector
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    demand = default_release.stored_object("Service", "-gateway-demand")
+    assert demand["spec"]["clusterIP"] == "None"  # every replica, for the agents
+
+    # The agents read every replica's /demand, and report Ollama at the pod IP.
+    agent = _containers(default_release.stored_object("DaemonSet", "-agent"))["agent"]
+    parsed = _parse(agent["args"])
+    name, namespace = demand["metadata"]["name"], default_release.namespace
+    assert parsed.gateway_demand_url == f"http://{name}.{namespace}.svc:8080/demand"
+    assert parsed.ollama_url == "http://$(POD_IP):11434"
+    assert "POD_IP" in _env(agent)
+
+    # Only the gateway's pods reach the Ollama and vLLM serving ports of the agent pods.
+    policy = default_release.stored_object("NetworkPolicy")
+    daemonset = default_release.stored_object("DaemonSet", "-agent")
+    agent_pods = daemonset["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == agent_pods
+    serving, metrics = policy["spec"]["ingress"]
+    assert serving["from"] == [{"podSelector": {"matchLabels": selector}}]
+    assert sorted(p["port"] for p in serving["ports"]) == [8000, 11434]
+    assert "from" not in metrics  # Prometheus scrapes from wherever it runs
+    assert [p["port"] for p in metrics["ports"]] == [9400]
+
+
+def test_gateway_may_only_read(kubectl: Kubectl, default_release: Release) -> None:
+    user = (
+        f"system:serviceaccount:{default_release.namespace}:"
+        + default_release.stored_object("Deployment", "-gateway")["spec"]["template"]["spec"][
+            "serviceAccountName"
+        ]
+    )
+    for verb, resource, expected in [
+        ("list", "modeldeployments.vram.dev", "yes"),
+        ("watch", "gpunodes.vram.dev", "yes"),
+        ("patch", "modeldeployments.vram.dev", "no"),
+        ("patch", "gpunodes.vram.dev", "no"),
+        ("update", "gpunodes.vram.dev/status", "no"),
+        ("create", "events", "no"),
+        ("get", "secrets", "no"),
+    ]:
+        answer = kubectl("auth", "can-i", verb, resource, "--as", user, "-A")
+        assert answer.stdout.strip() == expected, (verb, resource, answer.stdout, answer.stderr)
+
+
+def test_gateway_ingress_and_httproute_are_optional(helm: Helm) -> None:
+    plain = helm.render("gw", "vram-system")
+    assert not [d for d in plain if d["kind"] in ("Ingress", "HTTPRoute")]
+    exposed = helm.render(
+        "gw", "vram-system", None,
+        "--set", "gateway.ingress.enabled=true,gateway.ingress.host=llm.example.com",
+        "--set", "gateway.httpRoute.enabled=true,gateway.httpRoute.parentRefs[0].name=public",
+    )  # fmt: skip
+    ingress = _find(exposed, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "gw-vram-operator-gateway", "port": {"name": "http"}}
+    route = _find(exposed, "HTTPRoute")
+    assert route["spec"]["parentRefs"] == [{"name": "public"}]
+    assert route["spec"]["rules"][0]["backendRefs"] == [
+        {"name": "gw-vram-operator-gateway", "port": 80}
+    ]
+    refused = helm.template("gw", "vram-system", None, "--set", "gateway.httpRoute.enabled=true")
+    assert refused.returncode != 0
+    assert "gateway.httpRoute.parentRefs" in refused.stderr
+
+
+def test_gateway_can_be_turned_off(helm: Helm) -> None:
+    docs = helm.render("gw", "vram-system", None, "--set", "gateway.enabled=false")
+    assert not [d for d in docs if "gateway" in d["metadata"]["name"]]
+    agent = _containers(_find(docs, "DaemonSet"))["agent"]
+    assert not any(a.startswith("--gateway-demand-url") for a in agent["args"])
+    assert "--ollama-url=http://127.0.0.1:11434" in agent["args"]
