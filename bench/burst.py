@@ -37,7 +37,11 @@ from vram_operator.localcluster import LocalControlPlane
 from vram_operator.simulation.audit import Audit
 from vram_operator.simulation.burst import PENDING_REASONS, BurstModel, burst, ollama_catalog
 from vram_operator.simulation.burst import settled as is_settled
-from vram_operator.simulation.cluster import SimulatedCluster, install_crds
+from vram_operator.simulation.cluster import (
+    SimulatedCluster,
+    install_crds,
+    install_trusted_policy,
+)
 from vram_operator.simulation.nodes import GiB, SimulatedNode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +238,7 @@ def _run(
         audit = Audit(api, lambda: dict(cluster.nodes), lambda: keys)
         try:
             install_crds(api)
+            install_trusted_policy(api)
             print(f"[{label}] starting {nodes} nodes", flush=True)
             for index in range(nodes):
                 cluster.add_node(

@@ -149,13 +149,18 @@ def bench_convergence(models: int = 40, nodes: int = 3) -> list[tuple[str, str]]
     from kubernetes import client, config
 
     from vram_operator.localcluster import LocalControlPlane
-    from vram_operator.simulation.cluster import SimulatedCluster, install_crds
+    from vram_operator.simulation.cluster import (
+        SimulatedCluster,
+        install_crds,
+        install_trusted_policy,
+    )
 
     with tempfile.TemporaryDirectory() as workdir, LocalControlPlane() as cp:
         api = config.new_client_from_config(config_file=str(cp.kubeconfig))
         cluster = SimulatedCluster(api, str(cp.kubeconfig), Path(workdir))
         try:
             install_crds(api)
+            install_trusted_policy(api)
             for n in range(nodes):
                 cluster.add_node(
                     f"bench-{n}", gpu_sizes=[24 * GiB], agent_args=["--report-interval", "2"]

@@ -21,7 +21,11 @@ from kubernetes import client, config
 
 from vram_operator.api import parse_bytes
 from vram_operator.localcluster import LocalControlPlane
-from vram_operator.simulation.cluster import SimulatedCluster, install_crds
+from vram_operator.simulation.cluster import (
+    SimulatedCluster,
+    install_crds,
+    install_trusted_policy,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 H100_LABEL = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -70,6 +74,7 @@ def main(argv: Sequence[str]) -> int:
         cluster = SimulatedCluster(api, kubeconfig, workdir)
         try:
             install_crds(api)
+            install_trusted_policy(api)
             print("CRDs installed; starting 2 simulated GPU nodes and the operator", flush=True)
             cluster.add_node("gpu-node-1", gpu_sizes=[gpu])
             cluster.add_node("gpu-node-2", gpu_sizes=[gpu], labels=H100_LABEL)

@@ -20,7 +20,11 @@ from kubernetes.client.exceptions import ApiException
 
 from vram_operator.api import GROUP, VERSION
 from vram_operator.localcluster import BinariesNotFoundError, LocalControlPlane
-from vram_operator.simulation.cluster import SimulatedCluster, install_crds
+from vram_operator.simulation.cluster import (
+    SimulatedCluster,
+    install_crds,
+    install_trusted_policy,
+)
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -66,6 +70,7 @@ def kubectl(control_plane: LocalControlPlane) -> Kubectl:
 def crds(k8s_client: client.ApiClient) -> None:
     """The generated CRDs, installed once and Established."""
     install_crds(k8s_client)
+    install_trusted_policy(k8s_client)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from vram_operator.api import (
     set_condition,
 )
 from vram_operator.api.crd import custom_resource_definitions, render_yaml
+from vram_operator.api.modelpolicy import ModelPolicy
 from vram_operator.cli import main
 
 pytestmark = pytest.mark.unit
@@ -52,11 +53,15 @@ def test_cli_prints_the_crds(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_crd_schema_is_structural_and_carries_constraints() -> None:
-    mdep, gpun = custom_resource_definitions()
+    mdep, gpun, mpol = custom_resource_definitions()
     assert mdep["spec"]["names"]["shortNames"] == ["mdep"]
     assert gpun["spec"]["names"]["shortNames"] == ["gpun"]
-    assert mdep["spec"]["names"]["categories"] == gpun["spec"]["names"]["categories"] == ["vram"]
-    assert gpun["spec"]["scope"] == "Cluster"
+    assert mpol["spec"]["names"]["shortNames"] == ["mpol"]
+    for crd in (mdep, gpun, mpol):
+        assert crd["spec"]["names"]["categories"] == ["vram"]
+    assert gpun["spec"]["scope"] == mpol["spec"]["scope"] == "Cluster"
+    columns = [c["name"] for c in mpol["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns == ["Quota", "Used", "Namespaces", "Age"]
     schema = mdep["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
     assert set(spec["required"]) == {"model", "backend"}
@@ -80,11 +85,14 @@ def test_crd_schema_is_structural_and_carries_constraints() -> None:
                 walk(value, f"{path}[{index}]")
 
     walk(schema, "openAPIV3Schema")
+    walk(mpol["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "ModelPolicy")
 
 
 @pytest.mark.parametrize("doc", _examples(), ids=lambda d: d["metadata"]["name"])
 def test_every_example_parses(doc: dict[str, Any]) -> None:
-    if doc["kind"] == "ModelDeployment":
+    if doc["kind"] == "ModelPolicy":
+        assert ModelPolicy.model_validate(doc).spec.namespace_selector.match_labels
+    elif doc["kind"] == "ModelDeployment":
         parsed = ModelDeployment.model_validate(doc)
         assert parsed.spec.model == doc["spec"]["model"]
         assert parsed.model_dump(by_alias=True, exclude_none=True, mode="json")["spec"]

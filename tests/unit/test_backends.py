@@ -773,6 +773,7 @@ def test_child_command_line_and_environment() -> None:
         "vllm",
         "serve",
         "Qwen/Qwen2.5-0.5B",
+        "--max-model-len=4096",  # before the supervisor's own: argparse keeps the last value
         "--host",
         "127.0.0.1",
         "--port",
@@ -780,9 +781,15 @@ def test_child_command_line_and_environment() -> None:
         "--gpu-memory-utilization",
         "0.100",
         "--enable-sleep-mode",
-        "--max-model-len=4096",
     ]
-    env = manager.environment(replace(spec, device_index=1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_TOKEN", "hf_secret")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+        patch.setenv("HF_HOME", "/cache")
+        env = manager.environment(replace(spec, device_index=1))
+    assert "HF_TOKEN" not in env  # the child never sees credentials; the pull used them
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["HF_HOME"] == "/cache"
     assert env["CUDA_VISIBLE_DEVICES"] == "1"  # vLLM 0.11 int()s every entry: never a UUID
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"

@@ -19,9 +19,11 @@ from vram_operator.api import (
     ModelState,
     ResidentModel,
 )
+from vram_operator.api.modelpolicy import ModelPolicy, ModelPolicyStatus
 from vram_operator.operator.metrics import OperatorMetrics
 from vram_operator.operator.placement import PlacementConfig
 from vram_operator.operator.service import OperatorConfig, OperatorService
+from vram_operator.simulation.cluster import TRUSTED_POLICY
 
 pytestmark = pytest.mark.unit
 
@@ -39,6 +41,7 @@ class MemoryStore:
         self.patches: list[tuple[str, dict[str, Assignment | None]]] = []
         self.conditions: dict[str, list[Condition]] = {}
         self.events: list[tuple[str, str]] = []
+        self.policy_status: dict[str, ModelPolicyStatus] = {}
 
     async def list_gpunodes(self) -> list[GPUNode]:
         return list(self.gpunodes.values())
@@ -88,6 +91,15 @@ class MemoryStore:
 
     async def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append((body["metadata"]["name"], reason))
+
+    async def list_policies(self) -> list[ModelPolicy]:
+        return [ModelPolicy.model_validate(TRUSTED_POLICY)]
+
+    async def list_namespaces(self) -> dict[str, dict[str, str]]:
+        return {ns: {} for ns, _ in self.deployments}
+
+    async def write_policy_status(self, name: str, status: ModelPolicyStatus) -> None:
+        self.policy_status[name] = status
 
     # ---- the test's hands ----------------------------------------------------------------
 

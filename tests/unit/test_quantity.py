@@ -100,7 +100,7 @@ def test_rejects_non_string_duration() -> None:
         parse_duration(30)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", ["1" + "0" * 100, 2**63, "8Ei", "9223372036854775808"])
+@pytest.mark.parametrize("value", ["1" + "0" * 100, 2**63, "8Ei", "4.1Ei", str(2**62 + 1)])
 def test_quantities_past_int64_are_refused_before_any_status_carries_them(
     value: str | int,
 ) -> None:
@@ -108,8 +108,8 @@ def test_quantities_past_int64_are_refused_before_any_status_carries_them(
         parse_bytes(value)
 
 
-def test_the_largest_int64_quantity_is_accepted() -> None:
-    assert parse_bytes(str(2**63 - 1)) == 2**63 - 1
+def test_the_largest_quantity_is_accepted() -> None:
+    assert parse_bytes("4Ei") == 2**62
 
 
 @pytest.mark.parametrize("text", ["9" * 400 + "s", "9" * 20 + "h", "8785h", "4000h" * 3])

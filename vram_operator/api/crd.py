@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from . import gpunode, modeldeployment
+from . import gpunode, modeldeployment, modelpolicy
 from .common import GROUP, VERSION
 
 JSON = dict[str, Any]
@@ -149,7 +149,7 @@ def _column(name: str, path: str, kind: str = "string", description: str = "") -
 
 
 def custom_resource_definitions() -> list[JSON]:
-    """Both CRDs, ModelDeployment first."""
+    """The CRDs: ModelDeployment, GPUNode, ModelPolicy."""
     ready_reason = '.status.conditions[?(@.type=="Ready")].reason'
     return [
         _crd(
@@ -185,6 +185,22 @@ def custom_resource_definitions() -> list[JSON]:
                 _column("Models", ".status.modelCount", "integer"),
                 _column("Memory PSI", ".status.memoryPsi", description="PSI some avg10"),
                 _column("Heartbeat", ".status.lastHeartbeatTime", "date"),
+            ],
+        ),
+        _crd(
+            kind=modelpolicy.KIND,
+            plural=modelpolicy.PLURAL,
+            short_name="mpol",
+            scope="Cluster",
+            spec_model=modelpolicy.ModelPolicySpec,
+            status_model=modelpolicy.ModelPolicyStatus,
+            description=modelpolicy.ModelPolicy.__doc__ or "",
+            spec_required=False,
+            columns=[
+                _column("Quota", ".spec.vramQuota", description="VRAM per namespace"),
+                _column("Used", ".status.used", description="the largest namespace's usage of it"),
+                _column("Namespaces", ".status.namespaceCount", "integer"),
+                _column("Age", ".metadata.creationTimestamp", "date"),
             ],
         ),
     ]

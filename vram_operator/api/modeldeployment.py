@@ -29,6 +29,39 @@ SUPERVISOR_OWNED_VLLM_FLAGS = (
     "--gpu-memory-utilization",
     "--enable-sleep-mode",
 )
+
+
+def vllm_flag(arg: str) -> str | None:
+    """The flag an argument sets as vLLM 0.11.0 reads it, or None for a value.
+
+    vLLM's FlexibleArgumentParser (vllm/utils/__init__.py, `parse_args`) turns `_` into `-`
+    in a long flag's name, and argparse then accepts any unambiguous prefix of a flag; a
+    single dash followed by a letter is a short option (`-O3`, `-tp`).
+    """
+    if arg.startswith("--"):
+        return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+    if len(arg) > 1 and arg[0] == "-" and not (arg[1].isdigit() or arg[1] == "."):
+        return arg.split("=", 1)[0]
+    return None
+
+
+def supervisor_owned(arg: str) -> str | None:
+    """The supervisor's own flag that `arg` would set in vLLM (by any spelling vLLM accepts:
+    `_` for `-`, an abbreviation, a `--no-` form), else None."""
+    flag = vllm_flag(arg)
+    if flag is None or not flag.startswith("--") or len(flag) <= 2:
+        return None
+    name = flag[5:] if flag.startswith("--no-") else flag[2:]
+    return next((o for o in SUPERVISOR_OWNED_VLLM_FLAGS if o[2:].startswith(name)), None)
+
+
+def owned_message(arg: str, owned: str) -> str:
+    """`--port is set by the supervisor`, saying how vLLM reads another spelling."""
+    given = arg.split("=", 1)[0]
+    read = "" if given == owned else f" (vLLM reads it as {owned})"
+    return f"{given}{read} is set by the supervisor"
+
+
 _OLLAMA_REF = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/-]*(:[a-zA-Z0-9._-]+)?$")
 _VLLM_REF = re.compile(r"^(/[^\s]+|[a-zA-Z0-9][a-zA-Z0-9._-]*/[a-zA-Z0-9][a-zA-Z0-9._-]*)$")
 _LABEL_KEY = re.compile(
@@ -164,11 +197,11 @@ class ModelDeploymentSpec(CamelModel):
             raise SpecError("spec.ollama", f"only allowed with backend ollama, not {self.backend}")
         if self.vllm is not None:
             for index, arg in enumerate(self.vllm.args):
-                flag = arg.split("=", 1)[0]
-                if flag in SUPERVISOR_OWNED_VLLM_FLAGS:
+                owned = supervisor_owned(arg)
+                if owned is not None:
                     raise SpecError(
                         f"spec.vllm.args[{index}]",
-                        f"{flag} is set by the supervisor from the placement; remove it "
+                        f"{owned_message(arg, owned)} from the placement; remove it "
                         "(use spec.vram to size the model)",
                     )
         for key, value in self.node_selector.items():
@@ -210,6 +243,8 @@ def _check_model_ref(backend: Backend, model: str) -> None:
             "spec.model",
             f"{model!r} is not an Ollama model reference; use name[:tag], e.g. llama3.2:1b",
         )
+    if backend is Backend.VLLM and model.startswith("/") and ".." in model.split("/"):
+        raise SpecError("spec.model", f"{model!r} climbs out of a folder ('..'); write it plainly")
     if backend is Backend.VLLM and not _VLLM_REF.match(model):
         raise SpecError(
             "spec.model",

@@ -25,9 +25,10 @@ POSITIVE_BYTES_PATTERN = (
 )
 QUANTITY_HELP = "a byte quantity such as 6Gi, 6.5Gi, 500M or 8000000000"
 QUANTITY_MAX_LENGTH = 32
-MAX_BYTES = 2**63 - 1
-"""The largest quantity: Kubernetes stores integers as int64, and a bigger figure in a status
-makes every write of it fail (422)."""
+MAX_BYTES = 2**62
+"""The largest quantity (4Ei). Kubernetes stores integers as int64 and a bigger figure makes
+every write of it fail (422); 2^62 rather than 2^63-1 because the API server reads a schema's
+`maximum` as a float64, and 2^63-1 rounds up to 2^63, which overflows to -2^63."""
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
@@ -74,7 +75,7 @@ def parse_bytes(value: str | int) -> int:
 
 def _within_int64(result: int, value: str | int) -> int:
     if result > MAX_BYTES:
-        raise ValueError(f"{value!r} is too large: at most 8Ei (2^63-1 bytes)")
+        raise ValueError(f"{value!r} is too large: at most 4Ei (2^62 bytes)")
     return result
 
 

@@ -75,6 +75,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -95,7 +96,7 @@ from pydantic.alias_generators import to_camel
 from vram_operator import __version__
 from vram_operator.api import Backend
 from vram_operator.api.budget import footprint_bytes, vllm_utilization_milli
-from vram_operator.api.modeldeployment import SUPERVISOR_OWNED_VLLM_FLAGS
+from vram_operator.api.modeldeployment import owned_message, supervisor_owned
 from vram_operator.node_agent.backends.vllm import request_activity
 from vram_operator.node_agent.estimate import (
     VLLM_MAX_NUM_BATCHED_TOKENS,
@@ -183,9 +184,9 @@ class ChildSpec:
     @classmethod
     def from_request(cls, request: StartRequest) -> ChildSpec:
         for arg in request.args:
-            flag = arg.split("=", 1)[0]
-            if flag in SUPERVISOR_OWNED_VLLM_FLAGS:
-                raise SupervisorError(400, f"{flag} is set by the supervisor; remove it from args")
+            owned = supervisor_owned(arg)
+            if owned is not None:
+                raise SupervisorError(400, f"{owned_message(arg, owned)}; remove it from args")
         try:
             utilization = gpu_memory_utilization(request.vram_bytes, request.gpu_total_bytes)
         except ValueError as err:
@@ -293,6 +294,10 @@ def _port_is_free(port: int) -> bool:
 # Resolved before any fork: the forked child then only makes one libc call.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 _PR_SET_PDEATHSIG = 1
+
+
+_SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|CREDENTIAL|API_KEY|ACCESS_KEY", re.I)
+"""Environment variables a vLLM child never inherits (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...)."""
 
 
 def _die_with_parent() -> None:
@@ -550,9 +555,12 @@ class ProcessManager:
 
     def argv(self, child: Child) -> list[str]:
         spec = child.spec
+        # The user's flags first: argparse keeps the last value of a flag, so the
+        # supervisor's own always win even over a spelling the checks did not foresee.
         argv = [
             *self.command,
             spec.model,
+            *spec.args,
             "--host",
             _CHILD_HOST,
             "--port",
@@ -562,10 +570,12 @@ class ProcessManager:
         ]
         if spec.sleep_mode:
             argv.append("--enable-sleep-mode")
-        return argv + list(spec.args)
+        return argv
 
     def environment(self, spec: ChildSpec) -> dict[str, str]:
-        env = dict(os.environ)
+        # No credentials: the supervisor's pull has fetched every file the child reads, and a
+        # model's own code (--trust-remote-code, where a policy allows it) must not see them.
+        env = {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k)}
         if spec.device_index is not None:
             # An integer index: vLLM 0.11 parses every entry with int() (platforms/interface.py,
             # issues #20939, #13815), so a UUID here kills every start. CUDA enumerates in

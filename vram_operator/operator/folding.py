@@ -25,6 +25,7 @@ from vram_operator.api import (
     format_bytes,
     set_condition,
 )
+from vram_operator.api.modelpolicy import PolicyError
 
 SCHEDULED = "Scheduled"
 LOADED = "Loaded"
@@ -48,6 +49,7 @@ class Reason(StrEnum):
     EVICTED = "Evicted"
     BACKEND_ERROR = "BackendError"
     INVALID_SPEC = "InvalidSpec"
+    POLICY_VIOLATION = "PolicyViolation"
     SCALED_TO_ZERO = "ScaledToZero"
     READY = "Ready"
     DELETING = "Deleting"
@@ -76,7 +78,7 @@ def _clip(text: str) -> str:
 def fold_status(
     *,
     spec: ModelDeploymentSpec | None,
-    spec_error: SpecError | None,
+    spec_error: SpecError | PolicyError | None,
     generation: int,
     assigned_nodes: Mapping[str, Assignment],
     reports: Mapping[str, ResidentModel | None],
@@ -92,7 +94,8 @@ def fold_status(
     `pending_reason`/`pending_message` come from the last placement when replicas are missing.
     A replica counts as ready only when Loaded: a Sleeping one is parked in host RAM and must be
     woken before it serves, so it is not. An invalid spec (`spec_error`, or no spec) yields
-    InvalidSpec on every condition and no placements.
+    InvalidSpec on every condition and no new placements; a spec a ModelPolicy refuses (a
+    PolicyError) the same with PolicyViolation.
     """
     conditions = list(previous.conditions) if previous is not None else []
 
@@ -116,9 +119,12 @@ def fold_status(
             for node in sorted(assigned_nodes)
         ]
         message = str(spec_error or "spec: is required")
+        refused = isinstance(spec_error, PolicyError)
         if kept:
-            message += f"; keeping the {len(kept)} replica(s) of the last valid spec"
-        invalid = _Verdict(False, Reason.INVALID_SPEC, message)
+            message += f"; keeping the {len(kept)} replica(s) of the last "
+            message += "admitted spec" if refused else "valid spec"
+        why = Reason.POLICY_VIOLATION if refused else Reason.INVALID_SPEC
+        invalid = _Verdict(False, why, message)
         for kind in (SCHEDULED, LOADED, READY):
             record(kind, invalid)
         return ModelDeploymentStatus(

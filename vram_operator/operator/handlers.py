@@ -14,6 +14,7 @@ import kopf
 from vram_operator.api import FINALIZER, GROUP, VERSION
 from vram_operator.api.gpunode import PLURAL as GPUNODES
 from vram_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
+from vram_operator.api.modelpolicy import PLURAL as MODELPOLICIES
 
 from .service import OperatorService
 
@@ -21,6 +22,7 @@ registry = kopf.OperatorRegistry()
 
 MDEP = (GROUP, VERSION, MODELDEPLOYMENTS)
 GPUN = (GROUP, VERSION, GPUNODES)
+MPOL = (GROUP, VERSION, MODELPOLICIES)
 RETRY_SECONDS = 30.0
 """The slow timer: a pending model is retried this often even if no capacity event arrives."""
 
@@ -84,3 +86,15 @@ async def node_event(
         await _service(memo).node_deleted(name)
     else:
         _service(memo).observe_node(dict(body), name)
+
+
+@kopf.on.event(*MPOL, registry=registry)
+def policy_event(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _service(memo).observe_policy(None if type == "DELETED" else dict(body), name)
+
+
+@kopf.on.event("", "v1", "namespaces", registry=registry)
+def namespace_event(
+    type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    _service(memo).observe_namespace(None if type == "DELETED" else dict(body), name)

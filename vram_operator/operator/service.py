@@ -47,6 +47,16 @@ from vram_operator.api import (
     set_condition,
 )
 from vram_operator.api.budget import reserve_bytes
+from vram_operator.api.modelpolicy import (
+    ModelPolicy,
+    ModelPolicyStatus,
+    NamespaceUsage,
+    PolicyError,
+    check_quota,
+    check_spec,
+    policies_for,
+)
+from vram_operator.api.quantity import format_bytes, parse_positive_bytes
 
 from .assignment_writer import AssignmentWriter
 from .folding import Reason, events_between, fold_deleting, fold_status
@@ -119,6 +129,11 @@ class OperatorService:
         self._avoid: dict[str, dict[str, tuple[float, str]]] = defaultdict(dict)
         self._stale: set[str] = set()
         self._place_lock = asyncio.Lock()
+        self._policies: dict[str, ModelPolicy] = {}
+        self._namespaces: dict[str, dict[str, str]] = {}
+        self._demand: dict[str, int] = {}
+        """Admitted keys to the VRAM they ask for (replicas x VRAM), for namespace quotas."""
+        self._policy_status: dict[str, ModelPolicyStatus] = {}
 
     # ---- start and inputs ------------------------------------------------------------------
 
@@ -134,9 +149,18 @@ class OperatorService:
                 # Queued too: one whose ModelDeployment went while no operator ran is withdrawn.
                 self.mark(assignment.namespace, assignment.name)
         self.reservations.rebuild(self._views())
+        self._policies = {p.name: p for p in await self.store.list_policies()}
+        self._namespaces = await self.store.list_namespaces()
         for item in await self.store.list_deployments():
             meta = item["metadata"]
             self.mark(meta["namespace"], meta["name"])
+            # What holds replicas now was admitted before: it keeps its share of the quota
+            # ahead of objects that were waiting, whatever order the queue takes them in.
+            key = assignment_key(meta["namespace"], meta["name"])
+            if self._assigned.get(key) and not meta.get("deletionTimestamp"):
+                with contextlib.suppress(SpecError):
+                    spec = parse_spec(item.get("spec"))
+                    self._demand[key] = spec.replicas * self._vram_bytes(key, spec)
         log.info(
             "operator state rebuilt: %d GPUNodes, %d assignments",
             len(self._gpunodes),
@@ -211,6 +235,40 @@ class OperatorService:
             if name in nodes:
                 self._mark_key(key)
 
+    def observe_policy(self, raw: dict[str, Any] | None, name: str) -> None:
+        """A ModelPolicy changed or went: every model is checked again (a policy may select
+        any namespace; re-checking an unchanged model writes nothing)."""
+        if raw is None:
+            if self._policies.pop(name, None) is None:
+                return
+        else:
+            try:
+                policy = ModelPolicy.model_validate(raw)
+            except ValidationError as exc:
+                log.warning("ignoring ModelPolicy %s: %s", name, exc)
+                return
+            if self._policies.get(name) == policy:
+                return
+            self._policies[name] = policy
+        self._policy_status.pop(name, None)
+        self._mark_all()
+
+    def observe_namespace(self, raw: dict[str, Any] | None, name: str) -> None:
+        """A Namespace's labels changed: its models may fall under other policies."""
+        labels = None if raw is None else dict((raw.get("metadata") or {}).get("labels") or {})
+        if self._namespaces.get(name) == labels:
+            return
+        if labels is None:
+            self._namespaces.pop(name, None)
+        else:
+            self._namespaces[name] = labels
+        self._mark_all(namespace=name)
+
+    def _mark_all(self, namespace: str | None = None) -> None:
+        for ns, name in list(self._names.values()):
+            if namespace is None or ns == namespace:
+                self.mark(ns, name)
+
     async def node_deleted(self, name: str) -> None:
         """The Node object is gone: its GPUNode goes too, and its models move elsewhere."""
         self.observe_node(None, name)
@@ -220,7 +278,8 @@ class OperatorService:
 
     def _mark_pending(self) -> None:
         for (namespace, name), reason in list(self._pending.items()):
-            if reason != Reason.INVALID_SPEC:  # capacity cannot fix a spec; an edit re-queues it
+            # Capacity fixes neither a spec nor a policy; an edit, a policy or quota re-queues.
+            if reason not in (Reason.INVALID_SPEC, Reason.POLICY_VIOLATION):
                 self.mark(namespace, name)
 
     # ---- the workers -----------------------------------------------------------------------
@@ -245,6 +304,7 @@ class OperatorService:
             try:
                 await self._check_staleness()
                 self._expire_avoidances()
+                await self.publish_policy_usage()
             except Exception:
                 log.exception("heartbeat check failed; trying again")
             with contextlib.suppress(TimeoutError):
@@ -351,14 +411,18 @@ class OperatorService:
         generation = int(meta.get("generation") or 0)
         previous = _previous_status(body)
         spec: ModelDeploymentSpec | None = None
-        error: SpecError | None = None
+        error: SpecError | PolicyError | None = None
+        reason: str | None = Reason.INVALID_SPEC
         try:
             spec = parse_spec(body.get("spec"))
+            self._admit(key, namespace, spec)
         except SpecError as invalid:
             error = invalid  # keep what the last valid spec placed; place nothing new
-        reason: str | None = Reason.INVALID_SPEC
+        except PolicyError as refused:
+            error, reason = refused, Reason.POLICY_VIOLATION  # the same, for a policy
+            self._demand.pop(key, None)
         message: str | None = None
-        if spec is not None:
+        if error is None and spec is not None:
             reason, message = await self._place(key, body, spec)
         if reason is None:
             self._pending.pop((namespace, name), None)
@@ -367,7 +431,7 @@ class OperatorService:
             self._pending[(namespace, name)] = reason
         assigned = dict(self._assigned.get(key, {}))
         status = fold_status(
-            spec=spec,
+            spec=None if error else spec,
             spec_error=error,
             generation=generation,
             assigned_nodes=assigned,
@@ -378,6 +442,63 @@ class OperatorService:
             now=self.clock(),
         )
         await self._publish(body, previous, status)
+
+    def _admit(self, key: str, namespace: str, spec: ModelDeploymentSpec) -> None:
+        """Check `spec` against every policy selecting its namespace and the namespace's quota,
+        and count what it asks against that quota; raise PolicyError naming field and policy.
+
+        Synchronous, so no other reconcile runs between the check and the count: two models
+        cannot both take the last of a quota.
+        """
+        policies = policies_for(self._namespaces.get(namespace, {}), self._policies.values())
+        check_spec(spec, policies)
+        asked = spec.replicas * self._vram_bytes(key, spec)
+        others = sum(
+            v for k, v in self._demand.items() if k != key and k.partition(".")[0] == namespace
+        )
+        check_quota(asked, others, namespace, policies)
+        if self._demand.get(key) != asked:
+            self._demand[key] = asked
+            self._mark_refused(namespace)  # less asked: room for one refused before
+
+    def _mark_refused(self, namespace: str) -> None:
+        for (ns, name), reason in list(self._pending.items()):
+            if ns == namespace and reason == Reason.POLICY_VIOLATION:
+                self.mark(ns, name)
+
+    async def publish_policy_usage(self) -> None:
+        """Write each ModelPolicy's usage (what its namespaces ask against its quota) when it
+        changed; called from the housekeeping loop, so usage costs no write per reconcile."""
+        for name, policy in list(self._policies.items()):
+            selected = sorted(
+                ns
+                for ns, labels in self._namespaces.items()
+                if policy.spec.namespace_selector.matches(labels)
+            )
+            used: dict[str, int] = defaultdict(int)
+            for key, asked in self._demand.items():
+                ns = key.partition(".")[0]
+                if ns in selected:
+                    used[ns] += asked
+            rows = [
+                NamespaceUsage(namespace=ns, used_bytes=b, used=format_bytes(b))
+                for ns, b in sorted(used.items())
+            ]
+            top = max(rows, key=lambda r: r.used_bytes, default=None)
+            quota = policy.spec.vram_quota
+            summary = None
+            if top is not None:
+                limit = f"/{format_bytes(parse_positive_bytes(quota))}" if quota else ""
+                summary = f"{top.used}{limit} {top.namespace}"
+            status = ModelPolicyStatus(
+                observed_generation=_int_or_none(policy.metadata.get("generation")),
+                namespaces=rows,
+                namespace_count=len(selected),
+                used=summary,
+            )
+            if self._policy_status.get(name) != status:
+                await self.store.write_policy_status(name, status)
+                self._policy_status[name] = status
 
     async def _place(
         self, key: str, body: dict[str, Any], spec: ModelDeploymentSpec
@@ -592,6 +713,8 @@ class OperatorService:
             self.metrics.pending.labels(reason).set(count)
 
     def _forget(self, key: str, name: Key) -> None:
+        if self._demand.pop(key, None) is not None:
+            self._mark_refused(name[0])  # its share of the quota is free
         self._pending.pop(name, None)
         self._preempted.pop(key, None)
         self._avoid.pop(key, None)
@@ -650,6 +773,10 @@ class OperatorService:
 
     def _views(self) -> list[NodeView]:
         return [self._view(g) for g in self._gpunodes.values()]
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None
 
 
 def _name(gpunode: GPUNode) -> str:

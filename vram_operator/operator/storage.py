@@ -25,6 +25,8 @@ from vram_operator.api import (
 )
 from vram_operator.api.gpunode import PLURAL as GPUNODES
 from vram_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
+from vram_operator.api.modelpolicy import PLURAL as MODELPOLICIES
+from vram_operator.api.modelpolicy import ModelPolicy, ModelPolicyStatus
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ class Store(Protocol):
     async def post_event(
         self, body: dict[str, Any], type_: str, reason: str, message: str
     ) -> None: ...
+    async def list_policies(self) -> list[ModelPolicy]: ...
+    async def list_namespaces(self) -> dict[str, dict[str, str]]: ...
+    async def write_policy_status(self, name: str, status: ModelPolicyStatus) -> None: ...
 
 
 class ClusterStore:
@@ -99,6 +104,44 @@ class ClusterStore:
                 return None
             raise
         return GPUNode.model_validate(_as_dict(raw))
+
+    async def list_policies(self) -> list[ModelPolicy]:
+        """Every ModelPolicy; one that does not validate is skipped with a warning (the API
+        server's schema makes that rare), so a bad policy never stops the operator."""
+        raw = await asyncio.to_thread(
+            self._custom.list_cluster_custom_object, GROUP, VERSION, MODELPOLICIES
+        )
+        policies = []
+        for item in _as_dict(raw).get("items", []):
+            try:
+                policies.append(ModelPolicy.model_validate(item))
+            except ValueError as exc:
+                log.warning("ignoring ModelPolicy %s: %s", item["metadata"]["name"], exc)
+        return policies
+
+    async def list_namespaces(self) -> dict[str, dict[str, str]]:
+        """Namespace name to labels, which ModelPolicies select by."""
+        found = await asyncio.to_thread(self._core.list_namespace)
+        return {
+            ns.metadata.name: dict(ns.metadata.labels or {})
+            for ns in found.items
+            if ns.metadata is not None and ns.metadata.name
+        }
+
+    async def write_policy_status(self, name: str, status: ModelPolicyStatus) -> None:
+        """Patch a ModelPolicy's status (usage against its quota); a deleted one is left."""
+        try:
+            await asyncio.to_thread(
+                self._custom.patch_cluster_custom_object_status,
+                GROUP,
+                VERSION,
+                MODELPOLICIES,
+                name,
+                {"status": status.to_k8s()},
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     async def set_gpunode_conditions(self, node: str, conditions: Sequence[Condition]) -> None:
         """Replace a GPUNode's status conditions (the operator's one write there: a node whose

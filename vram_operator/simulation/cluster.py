@@ -20,8 +20,42 @@ from vram_operator.api.crd import custom_resource_definitions
 from .nodes import GiB, ManagedProcess, SimulatedNode, free_port
 
 
+TENANT_LABEL = "vram.dev/tenant"
+"""Namespaces carrying this label are tenants: the trusted policy below does not cover them."""
+
+TRUSTED_POLICY: dict[str, Any] = {
+    "apiVersion": "vram.dev/v1alpha1",
+    "kind": "ModelPolicy",
+    "metadata": {"name": "trusted-namespaces"},
+    "spec": {
+        "namespaceSelector": {
+            "matchExpressions": [{"key": TENANT_LABEL, "operator": "DoesNotExist"}]
+        },
+        "allowedPriorities": ["critical", "high", "normal", "low"],
+        "modelSources": {
+            "ollamaRegistries": ["*"],
+            "huggingFaceOrgs": ["*"],
+            "pathRoots": ["/"],
+        },
+    },
+}
+"""What an admin grants the namespaces of one trusted team: every priority, any source. The
+demo and the tests run their models in such namespaces; tenants get the safe default."""
+
+
+def install_trusted_policy(api_client: client.ApiClient) -> None:
+    """Create TRUSTED_POLICY (or leave the one already there)."""
+    try:
+        client.CustomObjectsApi(api_client).create_cluster_custom_object(
+            "vram.dev", "v1alpha1", "modelpolicies", TRUSTED_POLICY
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
 def install_crds(api_client: client.ApiClient, timeout: float = 30) -> None:
-    """Create or update both CRDs and wait until the API server serves them."""
+    """Create or update the CRDs and wait until the API server serves them."""
     api = client.ApiextensionsV1Api(api_client)
     for crd in custom_resource_definitions():
         name = crd["metadata"]["name"]
