@@ -6,7 +6,8 @@
 #       user; the chart runs it as the operator and as the node agent.
 #   docker build --target vllm-sidecar -t vram-operator-vllm:0.1.0 .
 #       vllm/vllm-openai with vram-operator installed, for the chart's vllm sidecar, which
-#       runs `vram-operator vllm-supervisor` next to the vLLM it starts.
+#       runs `vram-operator vllm-supervisor` next to the vLLM it starts; as user 10003
+#       (vllm/vllm-openai itself runs as root).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
@@ -27,6 +28,22 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     python3 -m pip install /dist/*.whl \
     && vram-operator --version
+# The upstream image runs as root; vLLM needs none of it. A user of its own (10003, not the
+# agent's 10001 or the chart's Ollama 10002), whose home holds every cache vLLM, PyTorch,
+# Triton and Hugging Face write, so the chart can keep the root filesystem read-only and
+# mount the model storage at /home/vllm/.cache.
+RUN groupadd --system --gid 10003 vllm \
+    && useradd --system --uid 10003 --gid vllm --create-home --home-dir /home/vllm \
+       --shell /usr/sbin/nologin vllm
+ENV HOME=/home/vllm \
+    XDG_CACHE_HOME=/home/vllm/.cache \
+    XDG_CONFIG_HOME=/home/vllm/.config \
+    HF_HOME=/home/vllm/.cache/huggingface \
+    TRITON_CACHE_DIR=/home/vllm/.cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/home/vllm/.cache/torchinductor \
+    VLLM_NO_USAGE_STATS=1
+# Numeric, so Kubernetes can verify runAsNonRoot without a runAsUser.
+USER 10003:10003
 EXPOSE 8900
 ENTRYPOINT ["vram-operator", "vllm-supervisor"]
 CMD ["--port", "8900"]

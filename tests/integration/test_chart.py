@@ -332,12 +332,14 @@ def test_agent_daemonset_defaults(default_release: Release) -> None:
         "--psi-threshold=10",
         "--min-free=256Mi",
         "--metrics-port=9400",
+        "--metrics-address=$(POD_IP)",
         "--proc=/host/proc",
         "--log-level=INFO",
         f"--gateway-demand-url=http://{demand}.svc:8080/demand",
     ]
     env = _env(agent)
     assert env["NODE_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}
+    assert env["POD_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     security = agent["securityContext"]
     assert security["runAsNonRoot"] is True
@@ -464,7 +466,8 @@ def test_switches_that_remove_parts(helm: Helm) -> None:
     backend_urls = ("--ollama-url=", "--vllm-supervisor-url=")
     assert not any(arg.startswith(backend_urls) for arg in containers["agent"]["args"])
     volumes = {v["name"] for v in daemonset["spec"]["template"]["spec"]["volumes"]}
-    assert volumes == {"host-proc", "tmp"}
+    assert volumes == {"host-proc", "tmp", "kube-api-access"}
+    assert "initContainers" not in daemonset["spec"]["template"]["spec"]  # no storage to chown
 
     no_agent = helm.render(
         "bare", "vram-system", None,
@@ -488,6 +491,13 @@ def test_switches_that_remove_parts(helm: Helm) -> None:
         ("vllm.storage.type=persistentVolumeClaim", "vllm.storage.existingClaim is required"),
         ("operator.podAntiAffinity=sometimes", "operator/podAntiAffinity"),
         ("agent.psiThreshold=150", "agent/psiThreshold"),
+        ("metrics.bindAddress=0.0.0.0", "metrics/bindAddress"),
+        ("admissionPolicy.enabled=maybe", "admissionPolicy/enabled"),
+        ("agent.serviceAccountToken.expirationSeconds=60", "expirationSeconds"),
+        (
+            "metrics.bindAddress=loopback,metrics.serviceMonitor.enabled=true",
+            "Prometheus cannot scrape a loopback address",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_the_value_named(helm: Helm, values: str, message: str) -> None:
@@ -577,6 +587,294 @@ def test_rbac_as_seen_by_the_authorizer(
     args = [a.replace("{ns}", default_release.namespace) for a in extra]
     who = default_release.service_account(component)
     assert _can(kubectl, who, verb, resource, *args) is allowed
+
+
+# ------------------------------------------------------------------ hardening (issue 9)
+
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+
+
+def _pod(workload: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return pod
+
+
+def _all_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    pod = _pod(workload)
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def _writable_volume(container: dict[str, Any], path: str) -> str:
+    """The volume a path lies on (the deepest mount above it), asserting it is writable."""
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert mounts, f"{path} is on the read-only root filesystem"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert not mount.get("readOnly"), f"{path} is on a read-only mount"
+    name: str = mount["name"]
+    return name
+
+
+def test_every_long_running_container_is_non_root_and_read_only(
+    default_release: Release,
+) -> None:
+    """As the API server stored them: no container of ours runs as root or writes its root
+    filesystem, each keeps no capability and cannot gain privileges, under RuntimeDefault
+    seccomp; the three containers of the agent pod run as three different users."""
+    users = {}
+    for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
+        workload = default_release.stored_object(kind, suffix)
+        assert _pod(workload)["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in _pod(workload)["containers"]:
+            security = {**_pod(workload)["securityContext"], **container["securityContext"]}
+            name = container["name"]
+            assert security["runAsNonRoot"] is True, name
+            assert security["runAsUser"] > 0, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"] == {"drop": ["ALL"]}, name
+            assert "privileged" not in security, name
+            users[name] = security["runAsUser"]
+    assert len({users["agent"], users["ollama"], users["vllm"]}) == 3
+
+
+def test_what_the_sidecars_write_lies_on_writable_mounts(default_release: Release) -> None:
+    """With a read-only root filesystem, HOME, /tmp and every cache folder Ollama, vLLM,
+    PyTorch, Triton and Hugging Face write are volume mounts; the caches worth keeping are on
+    the storage volume."""
+    daemonset = default_release.stored_object("DaemonSet", "-agent")
+    containers = _containers(daemonset)
+    volumes = {v["name"]: v for v in _pod(daemonset)["volumes"]}
+
+    ollama = containers["ollama"]
+    env = _env(ollama)
+    assert env["HOME"] == "/home/ollama"
+    for path in (env["HOME"], env["OLLAMA_MODELS"], "/tmp", f"{env['HOME']}/.ollama/id_ed25519"):
+        assert _writable_volume(ollama, path), path
+    assert _writable_volume(ollama, env["OLLAMA_MODELS"]) == "ollama-models"
+    assert "emptyDir" in volumes[_writable_volume(ollama, env["HOME"])]
+
+    vllm = containers["vllm"]
+    env = _env(vllm)
+    assert env["HOME"] == "/home/vllm"
+    caches = [
+        "XDG_CACHE_HOME",
+        "HF_HOME",
+        "VLLM_CACHE_ROOT",
+        "TRITON_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "CUDA_CACHE_PATH",
+        "FLASHINFER_WORKSPACE_BASE",
+        "NUMBA_CACHE_DIR",
+        "OUTLINES_CACHE_DIR",
+    ]
+    for variable in caches:
+        assert _writable_volume(vllm, env[variable]) == "vllm-cache", variable
+    for path in (env["HOME"], env["XDG_CONFIG_HOME"], env["VLLM_CONFIG_ROOT"], "/tmp", "/dev/shm"):
+        assert "emptyDir" in volumes[_writable_volume(vllm, path)], path
+    assert env["TMPDIR"] == "/tmp"
+    assert env["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_only_the_agent_container_gets_a_token(default_release: Release) -> None:
+    """No automounted token anywhere in the agent pod; a projected, pod-bound token (with the
+    cluster CA and the namespace) only in the agent container, where in-cluster clients look.
+    The ServiceAccounts mount nothing by default; the operator pod asks for its token."""
+    for account in ("-operator", "-agent"):
+        stored = default_release.stored_object("ServiceAccount", account)
+        assert stored["automountServiceAccountToken"] is False
+
+    daemonset = default_release.stored_object("DaemonSet", "-agent")
+    pod = _pod(daemonset)
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in _all_containers(daemonset):
+        secrets_mounts = [
+            m
+            for m in container.get("volumeMounts", [])
+            if m["mountPath"].startswith("/var/run/secrets")
+            or "projected" in volumes[m["name"]]
+            or "secret" in volumes[m["name"]]
+        ]
+        if container["name"] != "agent":
+            assert secrets_mounts == [], container["name"]
+            assert not any("secretKeyRef" in str(e) for e in container.get("env", []))
+            continue
+        (mount,) = secrets_mounts
+        assert mount["mountPath"] == TOKEN_PATH
+        assert mount["readOnly"] is True
+    sources = volumes["kube-api-access"]["projected"]["sources"]
+    assert sources[0] == {
+        "serviceAccountToken": {"path": "token", "expirationSeconds": 3600},
+    }
+    assert sources[1] == {
+        "configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    }
+    assert sources[2] == {
+        "downwardAPI": {
+            "items": [
+                {
+                    "path": "namespace",
+                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                }
+            ]
+        }
+    }
+
+    deployment = default_release.stored_object("Deployment", "-operator")
+    assert _pod(deployment)["automountServiceAccountToken"] is True
+
+
+def test_volume_permissions_hand_storage_to_the_sidecar_users(
+    helm: Helm, default_release: Release, releases: Releases, all_switches: Path
+) -> None:
+    """hostPath storage (the default) is chowned to each sidecar's user by a root init
+    container that has CHOWN and DAC_OVERRIDE only and no token; emptyDir storage needs none;
+    the switch turns it off."""
+    daemonset = default_release.stored_object("DaemonSet", "-agent")
+    containers = _containers(daemonset)
+    (init,) = _pod(daemonset)["initContainers"]
+    assert init["name"] == "volume-permissions"
+    security = init["securityContext"]
+    assert security["runAsUser"] == 0
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE"]}
+    assert "-xdev" in init["command"][2]
+    assert "chown -h" in init["command"][2]
+    owners = dict(arg.split("=") for arg in init["args"])
+    for sidecar, volume in (("ollama", "ollama-models"), ("vllm", "vllm-cache")):
+        user = containers[sidecar]["securityContext"]
+        assert owners[f"/volumes/{volume}"] == f"{user['runAsUser']}:{user['runAsGroup']}"
+        (mount,) = [m for m in init["volumeMounts"] if m["name"] == volume]
+        assert mount["mountPath"] == f"/volumes/{volume}"
+
+    # All switches: Ollama on an emptyDir (fsGroup-free, world-writable), vLLM on a claim.
+    docs = helm.render("perm", "vram-system", all_switches)
+    (init,) = _pod(_find(docs, "DaemonSet"))["initContainers"]
+    assert init["args"] == ["/volumes/vllm-cache=10003:10003"]
+
+    for values in (
+        "ollama.storage.type=emptyDir,vllm.storage.type=emptyDir",
+        "volumePermissions.enabled=false",
+        "ollama.securityContext.runAsUser=0,vllm.securityContext.runAsUser=0",
+    ):
+        docs = helm.render("perm", "vram-system", None, "--set", values)
+        assert "initContainers" not in _pod(_find(docs, "DaemonSet")), values
+
+
+def _policy(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    policies = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert len(policies) == len(bindings) <= 1
+    return (policies[0], bindings[0]) if policies else None
+
+
+def test_gpunode_admission_policy_follows_the_capability(
+    helm: Helm, default_release: Release
+) -> None:
+    """Rendered where the cluster serves ValidatingAdmissionPolicy (not on this 1.20 server,
+    as the install shows), or when forced; its CEL ties an agent's write to the GPUNode named
+    after its token's node and refuses any spec change. The local server cannot run it: the
+    README says how to check it on a real cluster."""
+    assert _policy(default_release.rendered) is None
+    cases = [
+        ([], False),  # `helm template` and clusters before 1.30 have no such API
+        (["--set", "admissionPolicy.enabled=false", "--api-versions", VAP_API], False),
+        (["--set", "agent.enabled=false", "--api-versions", VAP_API], False),
+        (["--set", "admissionPolicy.enabled=true"], True),
+    ]
+    for extra, rendered in cases:
+        assert (_policy(helm.render("vap", "vram-system", None, *extra)) is not None) is rendered
+
+    docs = helm.render("vap", "vram-system", None, "--api-versions", VAP_API)
+    found = _policy(docs)
+    assert found is not None
+    policy, binding = found
+    assert policy["apiVersion"] == binding["apiVersion"] == "admissionregistration.k8s.io/v1"
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule["apiGroups"] == ["vram.dev"]
+    assert set(rule["resources"]) == {"gpunodes", "gpunodes/status"}
+    assert {"UPDATE", "CREATE"} <= set(rule["operations"])
+
+    agent = _find(docs, "ServiceAccount", "-agent")["metadata"]["name"]
+    (condition,) = spec["matchConditions"]
+    assert condition["expression"] == (
+        f"request.userInfo.username == 'system:serviceaccount:vram-system:{agent}'"
+    )
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+    assert variables["gpuNode"] == (
+        "request.operation == 'DELETE' ? oldObject.metadata.name : object.metadata.name"
+    )
+    node, unchanged_spec, create = (v["expression"] for v in spec["validations"])
+    claim = "request.userInfo.extra['authentication.kubernetes.io/node-name']"
+    assert node == (
+        "'authentication.kubernetes.io/node-name' in request.userInfo.extra && "
+        f"{claim} == [variables.gpuNode]"
+    )
+    assert unchanged_spec == (
+        "request.operation != 'UPDATE' || (has(object.spec) ? has(oldObject.spec) && "
+        "object.spec == oldObject.spec : !has(oldObject.spec))"
+    )
+    assert create == (
+        "request.operation != 'CREATE' || !has(object.spec) || "
+        "!has(object.spec.assignments) || size(object.spec.assignments) == 0"
+    )
+    assert all(v["reason"] == "Forbidden" and v["message"] for v in spec["validations"])
+
+
+def _metrics_services(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-metrics")
+    ]
+
+
+def test_metrics_listen_on_the_pod_ip_or_loopback(
+    helm: Helm, default_release: Release, releases: Releases, tmp_path: Path
+) -> None:
+    """podIP (default): `--metrics-address=$(POD_IP)` from the downward API, httpGet liveness
+    probes and metrics Services. loopback: 127.0.0.1, exec probes against it (the kubelet
+    cannot reach loopback), no metrics Service; the server accepts that render too."""
+    for kind, suffix, component in (
+        ("Deployment", "-operator", "operator"),
+        ("DaemonSet", "-agent", "agent"),
+    ):
+        container = _containers(default_release.stored_object(kind, suffix))[component]
+        assert "--metrics-address=$(POD_IP)" in container["args"]
+        assert _env(container)["POD_IP"] == {
+            "fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}
+        }
+        assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+        parsed = _parse(container["args"])
+        assert parsed.metrics_address == "$(POD_IP)"  # the kubelet expands it
+    assert len(_metrics_services(default_release.rendered)) == 2
+
+    values = tmp_path / "loopback.yaml"
+    values.write_text(yaml.safe_dump({"metrics": {"bindAddress": "loopback"}}))
+    release = releases.apply(values)
+    assert _metrics_services(release.rendered) == []
+    for kind, suffix, component, port in (
+        ("Deployment", "-operator", "operator", 9300),
+        ("DaemonSet", "-agent", "agent", 9400),
+    ):
+        container = _containers(release.stored_object(kind, suffix))[component]
+        assert _parse(container["args"]).metrics_address == "127.0.0.1"
+        probe = container["livenessProbe"]
+        assert "httpGet" not in probe
+        command = probe["exec"]["command"]
+        assert command[:2] == ["python3", "-c"]
+        assert f'"http://127.0.0.1:{port}/healthz"' in command[2]
+        assert (probe["periodSeconds"], probe["timeoutSeconds"]) == (20, 5)
 
 
 # --- the gateway ---------------------------------------------------------------------------------

@@ -157,3 +157,115 @@ policy/v1
 policy/v1beta1
 {{- end -}}
 {{- end -}}
+
+{{/*
+`--metrics-address=...` for the operator and the agent, from metrics.bindAddress: the pod IP
+(the container's POD_IP, from the downward API) or loopback.
+*/}}
+{{- define "vram-operator.metricsAddressArg" -}}
+{{- if eq .Values.metrics.bindAddress "loopback" -}}
+--metrics-address=127.0.0.1
+{{- else if eq .Values.metrics.bindAddress "podIP" -}}
+--metrics-address=$(POD_IP)
+{{- else -}}
+{{- fail (printf "metrics.bindAddress must be podIP or loopback, not %q" .Values.metrics.bindAddress) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* True (non-empty) when /metrics listens on the pod IP, where Services and probes reach it. */}}
+{{- define "vram-operator.metricsOnPodIP" -}}
+{{- if ne .Values.metrics.bindAddress "loopback" -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+A liveness probe on the metrics port. On the pod IP it is the values' probe as written; on
+loopback, where the kubelet cannot connect, an httpGet becomes an exec of the image's
+python3 against 127.0.0.1 (same path and timings). Call with
+(dict "root" $ "probe" .Values.agent.livenessProbe "port" .Values.agent.metricsPort).
+*/}}
+{{- define "vram-operator.metricsProbe" -}}
+{{- if and (not (include "vram-operator.metricsOnPodIP" .root)) .probe.httpGet -}}
+{{- $probe := omit .probe "httpGet" -}}
+{{- $url := printf "http://127.0.0.1:%d%s" (int .port) (default "/healthz" .probe.httpGet.path) -}}
+{{- $code := printf "import urllib.request; urllib.request.urlopen(%q, timeout=4)" $url -}}
+{{- $_ := set $probe "exec" (dict "command" (list "python3" "-c" $code)) -}}
+{{ toYaml $probe }}
+{{- else -}}
+{{ toYaml .probe }}
+{{- end -}}
+{{- end -}}
+
+{{/* The agent's ServiceAccount as the API server names the user of its tokens. */}}
+{{- define "vram-operator.agentUsername" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "vram-operator.agentServiceAccountName" .) -}}
+{{- end -}}
+
+{{/*
+True (non-empty) when the GPUNode ValidatingAdmissionPolicy is rendered: admissionPolicy.enabled
+true, or "auto" where the cluster serves admissionregistration.k8s.io/v1
+ValidatingAdmissionPolicy (Kubernetes 1.30+); never without the agent.
+*/}}
+{{- define "vram-operator.admissionPolicyEnabled" -}}
+{{- $enabled := toString .Values.admissionPolicy.enabled -}}
+{{- if .Values.agent.enabled -}}
+{{- if eq $enabled "true" -}}true
+{{- else if and (eq $enabled "auto") (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy") -}}true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The init container that gives hostPath and persistentVolumeClaim model storage to the user
+each sidecar runs as (see volumePermissions in values.yaml). Empty when nothing needs it.
+*/}}
+{{- define "vram-operator.volumePermissions" -}}
+{{- $targets := list -}}
+{{- $mounts := list -}}
+{{- if .Values.volumePermissions.enabled -}}
+{{- range $sidecar, $volume := dict "ollama" "ollama-models" "vllm" "vllm-cache" -}}
+{{- $values := index $.Values $sidecar -}}
+{{- $user := int (default 0 $values.securityContext.runAsUser) -}}
+{{- if and $values.enabled (gt $user 0) (has $values.storage.type (list "hostPath" "persistentVolumeClaim")) -}}
+{{- $group := int (default 0 $values.securityContext.runAsGroup) -}}
+{{- $targets = append $targets (printf "/volumes/%s=%d:%d" $volume $user $group) -}}
+{{- $mounts = append $mounts (dict "name" $volume "mountPath" (printf "/volumes/%s" $volume)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $targets -}}
+- name: volume-permissions
+  image: {{ include "vram-operator.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  # Each argument is FOLDER=UID:GID. -xdev: no other mount; chown -h: a link, never its target.
+  command:
+    - sh
+    - -c
+    - |
+      set -eu
+      for target in "$@"; do
+        folder=${target%%=*}; owner=${target#*=}
+        find "$folder" -xdev \( ! -user "${owner%%:*}" -o ! -group "${owner#*:}" \) \
+          -exec chown -h "$owner" {} +
+      done
+    - volume-permissions
+  args:
+    {{- toYaml $targets | nindent 4 }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      memory: 64Mi
+  securityContext:
+    runAsNonRoot: false
+    runAsUser: 0
+    runAsGroup: 0
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+      add: ["CHOWN", "DAC_OVERRIDE"]
+  volumeMounts:
+    {{- toYaml $mounts | nindent 4 }}
+{{- end -}}
+{{- end -}}
