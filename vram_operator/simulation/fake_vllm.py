@@ -701,9 +701,21 @@ def _exit_now(message: str) -> None:
     os._exit(1)  # the engine is gone; main's finally frees the memory first via on_crash
 
 
+def _dashes(argv: Sequence[str]) -> list[str]:
+    """`_` read as `-` in long flags' names, as vLLM 0.11.0's FlexibleArgumentParser does
+    (vllm/utils/__init__.py, `parse_args`) before argparse sees them."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run like `vllm serve` until SIGTERM or SIGINT; 1 when start-up fails, 2 for bad flags."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_dashes(sys.argv[1:] if argv is None else argv))
     if args.command == "download":
         return download(args.model)
     state = os.environ.get("VRAM_SIM_GPU_STATE")
