@@ -2,16 +2,19 @@
 
 Starts a local kube-apiserver + etcd, installs the CRDs, starts two simulated GPU nodes
 (real agents over the fake Ollama and the real vLLM supervisor running the fake vLLM), the
-operator, applies examples/ and prints `kubectl get vram` until every model is Ready.
+operator, applies examples/ and prints `kubectl get vram` until every model is Ready, then
+starts the gateway and prints a chat completion from an Ollama and a vLLM model through it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from vram_operator.simulation.cluster import (
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+GATEWAY_MODELS = ("llama3-2-1b", "qwen2-5-0-5b")
+"""Deployments of examples/ the demo calls through the gateway: one on Ollama, one on vLLM."""
 H100_LABEL = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 
 
@@ -60,6 +65,19 @@ def _all_ready(custom: client.CustomObjectsApi, count: int) -> bool:
         if c["type"] == "Ready" and c["status"] == "True"
     ]
     return len(items) == count and len(ready) == count
+
+
+def _chat(gateway: str, model: str, prompt: str, timeout: float = 60) -> str:
+    """One chat completion through the gateway's OpenAI API; the answer's text."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    request = urllib.request.Request(
+        gateway + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        reply = json.loads(response.read())
+    return str(reply["choices"][0]["message"]["content"])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -96,6 +114,10 @@ def main(argv: Sequence[str]) -> int:
                 print("did not converge in time; logs:\n" + cluster.logs(), file=sys.stderr)
                 return 1
             print("every ModelDeployment is Ready.", flush=True)
+            _, gateway = cluster.start_gateway()
+            for name in GATEWAY_MODELS:
+                answer = _chat(gateway, name, "Say hello in five words.")
+                print(f"gateway {gateway} -> {name}: {answer}", flush=True)
             if args.keep_running:
                 print(f"export KUBECONFIG={kubeconfig}   # Ctrl-C stops everything", flush=True)
                 signal.sigwait({signal.SIGINT, signal.SIGTERM})

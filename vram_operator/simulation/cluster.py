@@ -6,6 +6,7 @@ tests build clusters with this, so both exercise the same path a user's cluster 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,6 @@ from kubernetes.client.exceptions import ApiException
 from vram_operator.api.crd import custom_resource_definitions
 
 from .nodes import GiB, ManagedProcess, SimulatedNode, free_port
-
 
 TENANT_LABEL = "vram.dev/tenant"
 """Namespaces carrying this label are tenants: the trusted policy below does not cover them."""
@@ -126,6 +126,7 @@ class SimulatedCluster:
         self.node_class = node_class
         self.nodes: dict[str, SimulatedNode] = {}
         self.operators: list[ManagedProcess] = []
+        self.gateways: list[ManagedProcess] = []
 
     def add_node(
         self,
@@ -179,7 +180,35 @@ class SimulatedCluster:
         self.operators.append(operator)
         return operator
 
+    def start_gateway(self, *args: str) -> tuple[ManagedProcess, str]:
+        """`vram-operator gateway` on a free loopback port; the process and its URL."""
+        index = len(self.gateways)
+        gateway = ManagedProcess(
+            f"gateway-{index}",
+            [
+                sys.executable,
+                "-m",
+                "vram_operator",
+                "gateway",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                *args,
+            ],
+            self.workdir / f"gateway-{index}.log",
+            env={**os.environ, **self.env} if self.env else None,
+        )
+        gateway.start()
+        self.gateways.append(gateway)
+        url = gateway.wait_for_line(re.compile(r"listening on (http://[0-9.]+:[0-9]+)")).group(1)
+        return gateway, url
+
     def stop(self) -> None:
+        for gateway in self.gateways:
+            gateway.stop()
         for operator in self.operators:
             operator.stop()
         for node in self.nodes.values():
