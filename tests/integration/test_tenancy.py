@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -18,9 +19,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from vram_operator.api import GROUP, VERSION
+from vram_operator.simulation.burst import BurstModel, ollama_catalog
 from vram_operator.simulation.cluster import TENANT_LABEL, SimulatedCluster
-from vram_operator.simulation.gpu import GIB
-from vram_operator.simulation.nodes import ManagedProcess
+from vram_operator.simulation.gpu import GIB, SimulatedGPUs
+from vram_operator.simulation.nodes import ManagedProcess, SimulatedNode
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +54,13 @@ class Tenancy:
         )
         with contextlib.suppress(ApiException):
             core.create_namespace(
-                {"metadata": {"name": TENANT, "labels": {TENANT_LABEL: "a", "team": "a"}}}
+                client.V1Namespace(
+                    metadata=client.V1ObjectMeta(
+                        name=TENANT, labels={TENANT_LABEL: "a", "team": "a"}
+                    )
+                )
             )
-        role = {
+        role: Any = {
             "metadata": {"name": "model-user", "namespace": TENANT},
             "rules": [
                 {
@@ -64,7 +70,7 @@ class Tenancy:
                 }
             ],
         }
-        binding = {
+        binding: Any = {
             "metadata": {"name": "model-user", "namespace": TENANT},
             "roleRef": {
                 "apiGroup": "rbac.authorization.k8s.io",
@@ -230,3 +236,53 @@ def test_a_policy_grants_critical_and_enforces_a_quota(tenancy: Tenancy) -> None
     assert tenancy.wait("the policy to show its usage", usage) == f"2Gi/3Gi {TENANT}"
     tenancy.tenant.delete_namespaced_custom_object(GROUP, VERSION, TENANT, MDEPS, "first")
     tenancy.reason_of("second", "Ready")  # the freed quota admits the one refused before
+
+
+def test_one_tenant_deleting_a_shared_ollama_model_leaves_the_others_loaded(
+    tenancy: Tenancy, tmp_path: Path
+) -> None:
+    """Ollama holds one runner per model name: two namespaces asking for the same model share
+    it, and withdrawing one of them must not unload what the other still uses."""
+    spec = {"model": "shared:1b", "backend": "ollama", "vram": "1Gi"}
+    catalog = ollama_catalog([BurstModel("shared", spec)], tmp_path / "catalog.json")
+    node = tenancy.cluster.add_node(
+        "tenant-node", gpu_sizes=[24 * GIB], ollama_args=("--catalog", str(catalog))
+    )
+    tenancy.cluster.start_operator()
+    tenancy.apply("mine", spec)
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "theirs", "namespace": "default"},
+        "spec": spec,
+    }
+    tenancy.admin.create_namespaced_custom_object(GROUP, VERSION, "default", MDEPS, body)
+    tenancy.reason_of("mine", "Ready")
+
+    def theirs_ready() -> bool:
+        got: Any = tenancy.admin.get_namespaced_custom_object(
+            GROUP, VERSION, "default", MDEPS, "theirs"
+        )
+        conditions = (got.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    tenancy.wait("theirs to be Ready", theirs_ready)
+    tenancy.tenant.delete_namespaced_custom_object(GROUP, VERSION, TENANT, MDEPS, "mine")
+
+    def mine_gone() -> bool:
+        try:
+            tenancy.get("mine")
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    tenancy.wait("mine to be deleted", mine_gone)
+    time.sleep(3)  # an unload would land within this
+    assert theirs_ready()
+    assert ollama_owner(node, "shared:1b") is not None, "the shared model was unloaded"
+
+
+def ollama_owner(node: SimulatedNode, model: str) -> str | None:
+    """The simulated-GPU owner under which the fake Ollama holds `model`, if it does."""
+    held = SimulatedGPUs(node.gpu_state).devices()[0].allocations
+    return next((o for o in held if ":ollama:" in o and o.endswith(f":{model}")), None)

@@ -17,6 +17,7 @@ from vram_operator.api import (
     GPUNode,
     ModelDeploymentStatus,
     ModelState,
+    Priority,
     ResidentModel,
 )
 from vram_operator.api.modelpolicy import ModelPolicy, ModelPolicyStatus
@@ -301,3 +302,58 @@ async def test_a_deleting_model_shows_it_at_once_and_is_never_ready() -> None:
     ready = condition(store.status("m"), "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "Deleting")
     assert store.status("m")["readyReplicas"] == 0
+
+
+async def test_assignments_someone_else_wrote_are_put_back() -> None:
+    store, clock = MemoryStore(), Clock()
+    store.add_node("a")
+    store.apply("m", vram="2Gi")
+    svc = await service(store, clock)
+    await drain(svc)
+    ours = store.gpunodes["a"].spec.assignments["ns.m"]
+    before = store.gpunodes["a"].model_dump(by_alias=True, mode="json")
+    # A node token injects a model nobody declared and rewrites ours to another model.
+    forged = ours.model_copy(update={"model": "evil:1b", "priority": Priority.CRITICAL})
+    spec = store.gpunodes["a"].spec.model_copy(
+        update={"assignments": {"ns.m": forged, "other.injected": forged}}
+    )
+    store.gpunodes["a"] = store.gpunodes["a"].model_copy(update={"spec": spec})
+    svc.observe_gpunode(before, "a")
+    svc.observe_gpunode(store.gpunodes["a"].model_dump(by_alias=True, mode="json"), "a")
+    await svc._restore_foreign()
+    assert store.gpunodes["a"].spec.assignments == {"ns.m": ours}
+
+
+async def test_a_heartbeat_from_the_future_is_stale() -> None:
+    store, clock = MemoryStore(), Clock()
+    store.add_node("a", heartbeat=T0 + dt.timedelta(days=365 * 7000))
+    store.apply("m", vram="2Gi")
+    svc = await service(store, clock)
+    await drain(svc)
+    assert store.assigned("a") == set()
+    assert condition(store.status("m"), "Scheduled")["status"] == "False"
+
+
+async def test_a_size_reported_by_a_node_that_was_not_assigned_the_model_is_ignored() -> None:
+    store, clock = MemoryStore(), Clock()
+    store.add_node("a", total=8 * GI)
+    store.add_node("b", total=8 * GI)
+    store.deployments[("ns", "m")] = {
+        "metadata": {"namespace": "ns", "name": "m", "generation": 1, "uid": "m"},
+        "spec": {"model": "m:1b", "backend": "ollama"},  # no vram: estimated
+    }
+    svc = await service(store, clock)
+    await drain(svc)
+    (home,) = [n for n in ("a", "b") if "ns.m" in store.assigned(n)]
+    liar = "b" if home == "a" else "a"
+    raw = store.report(liar, "ns.m", ModelState.LOADED)
+    gpunode = store.gpunodes[liar]
+    assert gpunode.status is not None
+    inflated = [m.model_copy(update={"vram_bytes": 10**15}) for m in gpunode.status.models]
+    status = gpunode.status.model_copy(update={"models": inflated})
+    store.gpunodes[liar] = gpunode.model_copy(update={"status": status})
+    svc.observe_gpunode(store.gpunodes[liar].model_dump(by_alias=True, mode="json"), liar)
+    svc.mark("ns", "m")
+    await drain(svc)
+    assert "ns.m" in store.assigned(home)
+    assert raw  # the report landed; the operator simply does not believe it

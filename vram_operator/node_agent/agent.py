@@ -534,8 +534,26 @@ class NodeAgent:
             return
         self.registry.update(entry.key, state=ModelState.LOADED, message=None)
 
+    def _shared_with(self, entry: Entry) -> str | None:
+        """Another assignment that Ollama serves from the same loaded model as `entry` (one
+        runner per model name, whichever namespaces asked): unloading it would unload theirs."""
+        if entry.backend is not Backend.OLLAMA:
+            return None
+        return next(
+            (
+                key
+                for key, a in self._desired.items()
+                if key != entry.key
+                and a.backend is Backend.OLLAMA
+                and same_model(Backend.OLLAMA, a.model, entry.model)
+            ),
+            None,
+        )
+
     async def _unload(self, entry: Entry, reason: str, keep_entry: bool = False) -> None:
         backend = self.backends.get(entry.backend)
+        if self._shared_with(entry) is not None:
+            backend = None  # still assigned under another key: keep it loaded, drop our entry
         if backend is not None and entry.state is not ModelState.EVICTED:
             try:
                 await backend.unload(entry.key, entry.model)

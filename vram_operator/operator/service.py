@@ -78,6 +78,8 @@ Key = tuple[str, str]  # (namespace, name)
 _HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING, ModelState.UNLOADING)
 
 HEARTBEAT_LOST = "HeartbeatLost"
+MAX_CLOCK_SKEW = 30.0
+"""Seconds a heartbeat may lie ahead of the operator's clock and still count."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ class OperatorService:
         self._demand: dict[str, int] = {}
         """Admitted keys to the VRAM they ask for (replicas x VRAM), for namespace quotas."""
         self._policy_status: dict[str, ModelPolicyStatus] = {}
+        self._foreign: set[str] = set()
+        """GPUNodes whose assignments someone other than us changed."""
+        self._measured: dict[str, int] = {}
+        """The last size an assigned node reported per key, kept after it is withdrawn."""
 
     # ---- start and inputs ------------------------------------------------------------------
 
@@ -147,7 +153,10 @@ class OperatorService:
             for key, assignment in gpunode.spec.assignments.items():
                 self._assigned[key][name] = assignment
                 # Queued too: one whose ModelDeployment went while no operator ran is withdrawn.
-                self.mark(assignment.namespace, assignment.name)
+                # By the key (namespaces have no dots), not the fields an editor could forge;
+                # the reconcile then rewrites what differs from the ModelDeployment's spec.
+                namespace, _, object_name = key.partition(".")
+                self.mark(namespace, object_name)
         self.reservations.rebuild(self._views())
         self._policies = {p.name: p for p in await self.store.list_policies()}
         self._namespaces = await self.store.list_namespaces()
@@ -201,6 +210,10 @@ class OperatorService:
                 key
             ):
                 changed.add(key)
+                if new is not None:
+                    # Only the operator writes assignments: anyone else's edit (an agent's
+                    # token, a hand) is put back to what we decided by the housekeeping loop.
+                    self._foreign.add(name)
         if new is None:
             changed |= {k for k, nodes in self._assigned.items() if name in nodes}
         for key in changed:
@@ -304,6 +317,7 @@ class OperatorService:
             try:
                 await self._check_staleness()
                 self._expire_avoidances()
+                await self._restore_foreign()
                 await self.publish_policy_usage()
             except Exception:
                 log.exception("heartbeat check failed; trying again")
@@ -333,6 +347,31 @@ class OperatorService:
         if self._stale - stale:
             self._mark_pending()  # a node came back: room again
         self._stale = stale
+
+    async def _restore_foreign(self) -> None:
+        """Put back what we decided on GPUNodes whose assignments someone else edited: an
+        injected assignment is withdrawn, a changed or removed one written again."""
+        while self._foreign:
+            name = self._foreign.pop()
+            async with self._place_lock:
+                gpunode = self._gpunodes.get(name)
+                if gpunode is None:
+                    continue
+                ours = {k: nodes[name] for k, nodes in self._assigned.items() if name in nodes}
+                theirs = gpunode.spec.assignments
+                changes: dict[str, Assignment | None] = {
+                    k: ours.get(k)
+                    for k in ours.keys() | theirs.keys()
+                    if ours.get(k) != theirs.get(k)
+                }
+                future = self.writer.submit(name, changes) if changes else None
+            if future is not None:
+                log.warning(
+                    "GPUNode %s carried assignments the operator did not write; restored %d",
+                    name,
+                    len(changes),
+                )
+                await self._write({name: future}, {name: changes})
 
     async def _node_lost(self, name: str) -> None:
         """Withdraw everything a node whose agent stopped reporting holds, in one write, queue
@@ -378,7 +417,9 @@ class OperatorService:
         if heartbeat is None:
             return True
         age = (self.clock() - heartbeat).total_seconds()
-        return age > self.config.placement.heartbeat_grace_seconds
+        # A heartbeat from the future is no evidence of life: a node (or its stolen token)
+        # could otherwise freeze itself "fresh" for ever. Clocks may differ by a little.
+        return age > self.config.placement.heartbeat_grace_seconds or age < -MAX_CLOCK_SKEW
 
     def _expire_avoidances(self) -> None:
         moment = time.monotonic()
@@ -644,14 +685,18 @@ class OperatorService:
         """spec.vram, else what an agent measured or estimated, else the default budget."""
         if spec.vram_bytes is not None:
             return spec.vram_bytes
+        # Only from nodes we assigned it to: any node may write any figure into its own
+        # report, and one inflated size there must not make the model fit nowhere.
         figures = [
             m.vram_bytes
-            for g in self._gpunodes.values()
-            if g.status is not None
+            for name in self._assigned.get(key, {})
+            if (g := self._gpunodes.get(name)) is not None and g.status is not None
             for m in g.status.models
             if m.key == key and m.vram_bytes
         ]
-        return max(figures, default=self.config.default_vram_bytes)
+        if figures:
+            self._measured[key] = max(figures)
+        return self._measured.get(key, self.config.default_vram_bytes)
 
     def _report(self, node: str, key: str) -> ResidentModel | None:
         gpunode = self._gpunodes.get(node)
@@ -713,6 +758,7 @@ class OperatorService:
             self.metrics.pending.labels(reason).set(count)
 
     def _forget(self, key: str, name: Key) -> None:
+        self._measured.pop(key, None)
         if self._demand.pop(key, None) is not None:
             self._mark_refused(name[0])  # its share of the quota is free
         self._pending.pop(name, None)
