@@ -39,6 +39,7 @@ from vram_operator.simulation.nodes import ManagedProcess, free_port
 pytestmark = pytest.mark.integration
 
 QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
+HELLO: Any = [{"role": "user", "content": "hello"}]
 EMBED = "BAAI/bge-small-en-v1.5-embed"
 WEATHER_TOOL = {
     "type": "function",
@@ -603,3 +604,23 @@ def test_requests_wait_while_a_model_loads_and_a_full_queue_is_429(
     assert roomy_codes == [200] * 50
     assert sorted(tight_codes) == [200] * 10 + [429] * 40
     assert tight.metric("vram_gateway_rejected_requests_total", reason="queue_full") == 40
+
+
+async def test_demand_and_metrics_count_what_the_gateway_served(stack: Stack) -> None:
+    for _ in range(3):
+        await stack.openai.chat.completions.create(model="chat", messages=HELLO)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.url + "/demand") as answer:
+            demand = await answer.json()
+        async with http.get(stack.url + "/metrics") as answer:
+            metrics = await answer.text()
+    (chat,) = [m for m in demand["models"] if m["key"] == "default.chat"]
+    assert (chat["requests"], chat["inFlight"], chat["waiting"]) == (3, 0, 0)
+    assert chat["lastRequestTime"].endswith("Z")
+    assert 'vram_gateway_ready_replicas{name="chat",namespace="default"} 1.0' in metrics
+    assert 'vram_gateway_ready_replicas{name="cold",namespace="default"} 0.0' in metrics
+    served = (
+        'vram_gateway_requests_total{code="200",endpoint="/v1/chat/completions",'
+        'name="chat",namespace="default"} 3.0'
+    )
+    assert served in metrics

@@ -189,6 +189,11 @@ class Gateway:
         return web.Response(status=503, text="waiting for the first list of the cluster")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        # Ready replicas are a figure of the view, not of requests: set at scrape time.
+        gauge = self.metrics.ready_replicas
+        gauge.clear()
+        for target in self.view.targets.values():
+            gauge.labels(target.namespace, target.name).set(len(target.ready))
         return web.Response(
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},

@@ -141,9 +141,11 @@ class Watcher:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Ask the threads to end; a watch blocked on the network ends with the process (the
+        threads are daemons), so stopping never waits out a watch's timeout."""
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=0.5)
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed under us: we are stopping
