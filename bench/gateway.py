@@ -205,6 +205,7 @@ def report(args: argparse.Namespace, figures: dict, cpus: tuple[int, int]) -> li
     ).stdout.strip()
     command = " ".join(["python bench/gateway.py", *sys.argv[1:]])
     per_core = 1 / figures["cpu_per_request"] if figures["cpu_per_request"] else float("inf")
+    busy = figures["routed_rps"] * figures["cpu_per_request"]
     return [
         f"{SECTION}: added latency and requests/s on one core, against the backend directly",
         "",
@@ -229,10 +230,12 @@ def report(args: argparse.Namespace, figures: dict, cpus: tuple[int, int]) -> li
         f"| requests/s, {args.concurrency} in flight | {figures['direct_rps']:.0f} | "
         f"{figures['routed_rps']:.0f} | |",
         f"| gateway CPU per request | | {_ms(figures['cpu_per_request'])} | |",
+        f"| gateway process CPU use in the throughput phase | | {busy:.0%} of its core | |",
         f"| requests/s one gateway core carries (1 / CPU per request) | | {per_core:.0f} | |",
         "",
-        "Where the backend is the slower of the two (one core for the fake vLLM too), the "
-        "routed requests/s are the backend's; the last row is the gateway's own ceiling.",
+        "The measured requests/s through the gateway fall short of the last row when the "
+        "gateway's core is not all its own or it waits on the other processes (its CPU use "
+        "above is below 100%); 1 / CPU per request is what a dedicated core would carry.",
         "",
     ]
 
