@@ -19,21 +19,31 @@ Rules every plan keeps:
 - room is made with an irreducible set of victims picked coldest first: dropping any one of
   them would no longer make room, so at most one model's worth more than needed is freed;
 - when even every eligible victim would not make room, nothing is evicted (InsufficientVRAM).
+
+The cost-aware policy (`cost`) is GreedyDual-Size-Frequency (Cherkasova 1998) made a pure
+function. GDSF keeps the object with the largest `L + frequency * cost / size`, where the
+clock `L` rises with each eviction so that what was not used for a while ages out. Here the
+frequency is a request rate that decays with time (the caller's `request_rate`, or 1/idle when
+it has none), which does the clock's ageing without any state kept between calls; the cost
+is what bringing the model back costs (its wake time when it can be parked, else its load
+time), and the priority weights it as for `hybrid`. The model with the smallest
+`weight * rate * cost / size` goes first: rarely used, cheap to bring back, and large.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, get_args
 
 from vram_operator.api import MemoryPressure, ModelState, Priority, ResidentModel, format_bytes
 
-Policy = Literal["lru", "priority", "hybrid"]
+Policy = Literal["lru", "priority", "hybrid", "cost"]
 """lru: longest idle first; priority: lowest priority first, then longest idle;
-hybrid: idle time divided by the priority's weight, largest first."""
+hybrid: idle time divided by the priority's weight, largest first; cost: the smallest
+priority weight x request rate x cost of bringing back / VRAM first (GDSF, see above)."""
 
 POLICIES: tuple[Policy, ...] = get_args(Policy)
 
@@ -54,6 +64,11 @@ DEFAULT_WEIGHTS: Mapping[Priority, float] = MappingProxyType(
 """Hybrid weights: a high model must sit idle four times as long as a low one to be as cold."""
 
 _ON_GPU = (ModelState.LOADED, ModelState.LOADING)
+
+GIB = 2**30
+
+VictimOrder = Callable[["Resident", float], tuple[float, ...]]
+"""A coldness function (resident, now) -> tuple, larger sooner gone; see EvictionConfig."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,21 @@ class EvictionConfig:
     """Wait between host-pressure demotions: PSI avg10 needs about this long to show the
     relief of the last one, and acting sooner would evict more than the pressure called for."""
 
+    load_bytes_per_second: float = 1.0 * GIB
+    """For `cost`: disk to GPU speed assumed for a resident whose `reload_seconds` is unknown."""
+
+    wake_bytes_per_second: float = 8.0 * GIB
+    """For `cost`: host RAM to GPU speed assumed for a parkable resident whose
+    `wake_seconds` is unknown."""
+
+    load_overhead_seconds: float = 2.0
+    """For `cost`: the fixed part of a load (server start, CUDA context) when not given."""
+
+    victim_order: VictimOrder | None = field(default=None, compare=False, hash=False)
+    """Replaces the policy's order, keeping every rule above. Only for the capacity
+    simulator's baselines (Ollama's own rule, an offline reference that knows the future);
+    the agent never sets it."""
+
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
@@ -99,6 +129,17 @@ class EvictionConfig:
         ):
             if not 0 < value <= 100:
                 raise ValueError(f"{name}: must be a percentage in (0, 100], got {value}")
+        for name, value in (
+            ("loadBytesPerSecond", self.load_bytes_per_second),
+            ("wakeBytesPerSecond", self.wake_bytes_per_second),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.load_overhead_seconds) and self.load_overhead_seconds >= 0):
+            raise ValueError(
+                f"loadOverheadSeconds: must be a finite number >= 0, "
+                f"got {self.load_overhead_seconds}"
+            )
         object.__setattr__(self, "weights", _checked_weights(self.weights))
 
 
@@ -125,7 +166,8 @@ class Resident:
     """A model on one GPU (or parked from it), as the eviction policy sees it.
 
     Times are epoch seconds. `vram_bytes` is the model's VRAM budget, what leaving the GPU
-    frees; `host_bytes` is the host RAM it takes while parked.
+    frees; `host_bytes` is the host RAM it takes while parked. The last three figures are
+    read by the `cost` policy only, and estimated from the config when None.
     """
 
     key: str
@@ -136,10 +178,20 @@ class Resident:
     last_access: float
     can_park: bool = False
     host_bytes: int = 0
+    reload_seconds: float | None = None
+    """Seconds to load it again from disk once unloaded."""
+    wake_seconds: float | None = None
+    """Seconds to wake it from host RAM once parked (only read when it can park)."""
+    request_rate: float | None = None
+    """Requests per second lately, as demand figures report them (decaying with time)."""
 
     def __post_init__(self) -> None:
         if self.vram_bytes < 0 or self.host_bytes < 0:
             raise ValueError(f"{self.key}: vram_bytes and host_bytes must be >= 0")
+        for name in ("reload_seconds", "wake_seconds", "request_rate"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{self.key}: {name} must be a finite number >= 0")
 
     @classmethod
     def from_status(
@@ -216,13 +268,47 @@ def coldness(
 
     Ties break towards the lower priority. Critical models weigh infinitely, never cold.
     """
+    if config.victim_order is not None:
+        return config.victim_order(resident, now)
     idle = max(0.0, now - last_used(resident))
     rank = float(resident.priority.rank)
     if config.policy == "lru":
         return (idle, -rank)
     if config.policy == "priority":
         return (-rank, idle)
+    if config.policy == "cost":
+        return (-keep_value(resident, now, config), idle, -rank)
     return (idle / config.weights.get(resident.priority, math.inf), -rank)
+
+
+def comeback_seconds(resident: Resident, config: EvictionConfig = DEFAULT_CONFIG) -> float:
+    """What evicting it costs when it is wanted again: waking it when it can be parked (and
+    that is cheaper), else loading it from disk."""
+    reload = resident.reload_seconds
+    if reload is None:
+        reload = config.load_overhead_seconds + resident.vram_bytes / config.load_bytes_per_second
+    if not resident.can_park:
+        return reload
+    wake = resident.wake_seconds
+    if wake is None:
+        wake = resident.vram_bytes / config.wake_bytes_per_second
+    return min(reload, wake)
+
+
+def keep_value(resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG) -> float:
+    """The `cost` policy's worth of keeping it: weight x rate x comeback seconds per GiB.
+
+    Infinite for a critical model. Without a reported rate, recency stands in for it: a model
+    idle for `t` seconds counts as asked for once every `t` (at least every second).
+    """
+    weight = config.weights.get(resident.priority, math.inf)
+    if math.isinf(weight):
+        return math.inf
+    rate = resident.request_rate
+    if rate is None:
+        rate = 1.0 / max(1.0, now - last_used(resident))
+    size = max(resident.vram_bytes, 1) / GIB
+    return weight * rate * comeback_seconds(resident, config) / size
 
 
 def coldest_first(

@@ -16,7 +16,7 @@ from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
 from .agent import AgentConfig, NodeAgent
 from .backends import ModelBackend, OllamaBackend, VLLMBackend
 from .demand import DemandAwareBackend, GatewayDemand
-from .eviction import EvictionConfig
+from .eviction import POLICIES, EvictionConfig
 from .metrics import AgentMetrics
 from .monitors import GPUSource, HostMonitor, detect_gpu_source
 from .storage import GPUNodeStore
@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "request times join the backends' own for eviction recency",
     )
     parser.add_argument(
-        "--policy", choices=["lru", "priority", "hybrid"], default="hybrid", help="eviction policy"
+        "--policy",
+        "--eviction-policy",
+        dest="policy",
+        choices=POLICIES,
+        default=EvictionConfig.policy,
+        help="eviction policy (cost: GreedyDual-Size-Frequency, see BENCHMARKS.md)",
     )
     parser.add_argument("--min-residency", type=float, default=120.0, help="seconds")
     parser.add_argument(

@@ -1,0 +1,664 @@
+"""Replay a request trace against a described cluster, with the real placement and eviction.
+
+Each model is kept in at most one copy, loaded on demand, the way the gateway's serving flow
+asks for it (a request for a model with no ready replica waits while residency catches up).
+For every request, in time order:
+
+- on a GPU and loaded: a warm hit, no added latency;
+- on a GPU and still loading (or waking): it waits for the rest of that load;
+- parked in host RAM (vLLM sleep level 1): it is woken on its GPU, making room there with the
+  agent's `plan_room` under the policy; the wake time is added;
+- otherwise a cold load: the operator's `place` picks a GPU among those it fits on now; when
+  none has room, `plan_room` (the agent's eviction, under the policy) is asked on every GPU the
+  model may go to, and the GPU whose plan evicts the coldest set wins (its hottest victim is
+  the coldest, in the policy's order over the whole cluster); `place` then places it there.
+  A high or critical model that no plan makes room for (young models, higher priorities) is
+  placed with the operator's priority preemption. If nothing works the request waits, as the
+  gateway holds it, and is tried again whenever room may have appeared (a load ends, a model
+  passes the minimum residency); after `max_wait` seconds it is given up (unserved).
+
+The GPU memory accounting is `NodeView.budgets` (the operator's: footprints with vLLM's
+rounding, the agents' reserve), so what the simulator holds is what the operator would
+promise; a load that would over-commit a GPU is counted (and must never happen).
+
+Simplifications, stated: loads do not share disk or PCIe bandwidth; a request takes no GPU
+time (only residency is modelled, not queueing for compute); a parked model stays parked until
+woken (the agent's host-pressure relief needs PSI, which is not simulated); keepAlive expiry
+does not unload (in this system it only permits unloading); one copy per model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time as wallclock
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vram_operator.api import GPU, Assignment, ModelState, Priority
+from vram_operator.api.budget import reserve_bytes
+from vram_operator.node_agent.eviction import (
+    POLICIES,
+    EvictionConfig,
+    Resident,
+    RoomPlan,
+    coldest_first,
+    is_evictable,
+    plan_room,
+)
+from vram_operator.operator.placement import (
+    NodeView,
+    PlacementConfig,
+    PlacementDecision,
+    PlacementRequest,
+    place,
+)
+
+from .cluster import ClusterSpec, SimModel
+from .trace import Trace, resolve
+
+BASELINES = ("ollama", "offline")
+"""Orders the simulator supplies through EvictionConfig.victim_order: Ollama's own rule
+(shortest keep-alive first, ties by name, blind to size and recency; server/sched.go
+findRunnerToUnload) and the offline reference (the model needed furthest ahead first)."""
+
+POLICY_NAMES: tuple[str, ...] = (*POLICIES, *BASELINES)
+
+EPOCH = 1_700_000_000.0
+"""Trace time 0 in epoch seconds, for the placement's heartbeat check."""
+
+EventKind = Literal["load", "wake", "unload", "park", "preempt"]
+
+
+class SimulationError(ValueError):
+    """A simulation that cannot run as asked (unknown policy, models the trace lacks, ...)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change of residency, recorded when asked (tests replay them)."""
+
+    time: float
+    kind: EventKind
+    key: str
+    gpu: str
+    hold_bytes: int
+
+
+@dataclass
+class Result:
+    """The figures of one policy on one trace."""
+
+    policy: str
+    requests: int = 0
+    unmatched: int = 0
+    """Requests naming a model that is not described; skipped."""
+    warm: int = 0
+    waited: int = 0
+    """Requests that arrived while their model was loading or waking."""
+    cold_starts: int = 0
+    wakes: int = 0
+    cold_load_seconds: float = 0.0
+    """Seconds spent loading from disk and waking from host RAM, summed over loads."""
+    evictions: int = 0
+    parks: int = 0
+    preemptions: int = 0
+    critical_evictions: int = 0
+    unserved: int = 0
+    overcommits: int = 0
+    latencies: list[float] = field(default_factory=list)
+    """Non-zero added latencies of served requests (the rest added none)."""
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    """(trace seconds, GPU bytes held) at even intervals."""
+    capacity_bytes: int = 0
+    gpus: int = 0
+    wall_seconds: float = 0.0
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def served(self) -> int:
+        return self.requests - self.unserved
+
+    @property
+    def warm_ratio(self) -> float:
+        return self.warm / self.requests if self.requests else 1.0
+
+    def latency(self, quantile: float) -> float:
+        """Added latency at `quantile` (nearest rank) over served requests, zeros included."""
+        served = self.served
+        if served <= 0:
+            return 0.0
+        rank = max(1, math.ceil(quantile * served))
+        zeros = served - len(self.latencies)
+        if rank <= zeros:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered), rank - zeros) - 1]
+
+
+@dataclass
+class _Copy:
+    model: int
+    node: int
+    gpu: str
+    state: ModelState
+    ready_at: float
+    loaded_at: float
+    hold: int
+
+
+class _Demand:
+    """Exponentially decayed request counts: the online rate figure the gateway would report."""
+
+    def __init__(self, count: int, half_life: float) -> None:
+        self.tau = half_life / math.log(2)
+        self.value = [0.0] * count
+        self.at = [0.0] * count
+
+    def hit(self, model: int, now: float) -> None:
+        self.value[model] = self.value[model] * math.exp((self.at[model] - now) / self.tau) + 1.0
+        self.at[model] = now
+
+    def rate(self, model: int, now: float) -> float:
+        return self.value[model] * math.exp((self.at[model] - now) / self.tau) / self.tau
+
+
+class Simulation:
+    """One policy over one trace; `run()` returns its Result."""
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        models: Sequence[SimModel],
+        trace: Trace,
+        policy: str,
+        *,
+        rate_half_life: float = 600.0,
+        max_wait: float = 600.0,
+        samples: int = 300,
+        record_events: bool = False,
+    ) -> None:
+        if policy not in POLICY_NAMES:
+            raise SimulationError(f"policy {policy!r} is not one of {', '.join(POLICY_NAMES)}")
+        if not models:
+            raise SimulationError("no models to simulate")
+        self.cluster = cluster
+        self.models = list(models)
+        self.trace = trace
+        self.policy = policy
+        self.record_events = record_events
+        self.max_wait = max_wait
+        self.pending: dict[int, list[float]] = {}
+        """Requests waiting for room, by model: their arrival times."""
+        self.retry_at = math.inf
+        self.index = {m.key: i for i, m in enumerate(self.models)}
+        self.requests, self.unknown = resolve(
+            trace, [m.key for m in self.models], [m.ref for m in self.models]
+        )
+        self.demand = _Demand(len(self.models), rate_half_life)
+        self.next_use = self._first_uses()
+        self.next_time = self._next_times() if policy == "offline" else []
+        self.config = self._config(policy)
+        self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
+        self.preempting = PlacementConfig(strategy=cluster.strategy, allow_preemption=True)  # type: ignore[arg-type]
+        reserve = reserve_bytes(cluster.min_free_bytes)
+        self.gpus = [
+            tuple(
+                GPU(
+                    index=g,
+                    uuid=f"GPU-{node.name}-{g}",
+                    name="simulated",
+                    total_bytes=size,
+                    used_bytes=0,
+                    free_bytes=size,
+                )
+                for g, size in enumerate(node.gpu_bytes)
+            )
+            for node in cluster.nodes
+        ]
+        self.reserve = reserve
+        self.node_of_gpu = {g.uuid: n for n, gpus in enumerate(self.gpus) for g in gpus}
+        self.room = {g.uuid: g.total_bytes - reserve for gpus in self.gpus for g in gpus}
+        self.assignments: list[dict[str, Assignment]] = [{} for _ in cluster.nodes]
+        self._assignment_cache: dict[tuple[int, str], Assignment] = {}
+        self._footprints: dict[tuple[int, str], int] = {}
+        self.where: dict[int, _Copy] = {}
+        self.on_gpu: dict[str, dict[int, _Copy]] = {uuid: {} for uuid in self.room}
+        self.host_used = [0] * len(cluster.nodes)
+        self.last_access = [0.0] * len(self.models)
+        self.held = 0
+        self.result = Result(
+            policy=policy,
+            capacity_bytes=sum(g.total_bytes for gpus in self.gpus for g in gpus),
+            gpus=cluster.gpu_count,
+        )
+        self.sample_every = max(trace.duration / samples, 1e-9) if samples else math.inf
+        self.eligible = [self._eligible(m) for m in self.models]
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _config(self, policy: str) -> EvictionConfig:
+        minimum = self.cluster.min_residency_seconds
+        if policy == "ollama":
+            keep = {m.key: m.keep_alive_seconds for m in self.models}
+            return EvictionConfig(
+                min_residency_seconds=minimum, victim_order=lambda r, _now: (-keep[r.key],)
+            )
+        if policy == "offline":
+            index, next_use = self.index, self.next_use
+            return EvictionConfig(
+                min_residency_seconds=minimum,
+                victim_order=lambda r, now: (next_use[index[r.key]] - now, float(r.vram_bytes)),
+            )
+        return EvictionConfig(policy=policy, min_residency_seconds=minimum)  # type: ignore[arg-type]
+
+    def _first_uses(self) -> list[float]:
+        first = [math.inf] * len(self.models)
+        for time, model in zip(self.trace.times, self.requests, strict=True):
+            if model >= 0 and math.isinf(first[model]):
+                first[model] = time
+        return first
+
+    def _next_times(self) -> list[float]:
+        following = [math.inf] * len(self.requests)
+        seen = [math.inf] * len(self.models)
+        for i in range(len(self.requests) - 1, -1, -1):
+            model = self.requests[i]
+            if model >= 0:
+                following[i] = seen[model]
+                seen[model] = self.trace.times[i]
+        return following
+
+    def _eligible(self, model: SimModel) -> tuple[str, ...]:
+        """GPUs `place` would ever put it on: it asks one replica per node of an empty cluster."""
+        request = self._request(model, replicas=len(self.cluster.nodes))
+        now = self._now(0.0)
+        views = [self._view(n, now, {}) for n in range(len(self.cluster.nodes))]
+        decision = place(request, views, self.placement, now)
+        nodes = {self.cluster.nodes[n].name: n for n in range(len(self.cluster.nodes))}
+        return tuple(
+            g.uuid
+            for choice in decision.chosen
+            for g in self.gpus[nodes[choice.node]]
+            if request.footprint(g) <= self.room[g.uuid]
+        )
+
+    # ---- views for the real placement and eviction ------------------------------------------
+
+    @staticmethod
+    def _now(time: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(EPOCH + time, dt.UTC)
+
+    def _request(self, model: SimModel, replicas: int = 1) -> PlacementRequest:
+        return PlacementRequest(
+            key=model.key,
+            vram_bytes=model.vram_bytes,
+            backend=model.backend,
+            priority=model.priority,
+            replicas=replicas,
+            node_selector=model.node_selector,
+            tolerations=model.tolerations,
+        )
+
+    def _view(
+        self, node: int, now: dt.datetime, assignments: dict[str, Assignment] | None = None
+    ) -> NodeView:
+        spec = self.cluster.nodes[node]
+        return NodeView(
+            name=spec.name,
+            labels=spec.labels,
+            taints=spec.taints,
+            heartbeat=now,
+            gpus=self.gpus[node],
+            assignments=self.assignments[node] if assignments is None else assignments,
+            reserve_bytes=self.reserve,
+        )
+
+    def _assignment(self, model: int, gpu: str) -> Assignment:
+        cached = self._assignment_cache.get((model, gpu))
+        if cached is None:
+            spec = self.models[model]
+            namespace, _, name = spec.key.partition(".")
+            cached = Assignment(
+                namespace=namespace,
+                name=name or namespace,
+                model=spec.ref,
+                backend=spec.backend,
+                priority=spec.priority,
+                gpu_uuid=gpu,
+                vram_bytes=spec.vram_bytes,
+            )
+            self._assignment_cache[(model, gpu)] = cached
+        return cached
+
+    def _resident(self, copy: _Copy, now: float) -> Resident:
+        model = self.models[copy.model]
+        node = self.cluster.nodes[copy.node]
+        loaded = copy.ready_at <= now
+        return Resident(
+            key=model.key,
+            priority=model.priority,
+            vram_bytes=copy.hold,
+            state=ModelState.LOADED if loaded else ModelState.LOADING,
+            loaded_at=EPOCH + copy.loaded_at,
+            last_access=EPOCH + self.last_access[copy.model],
+            can_park=model.can_park,
+            host_bytes=model.vram_bytes,
+            reload_seconds=self.cluster.load_seconds(node, model),
+            wake_seconds=self.cluster.wake_seconds_for(node, model) if model.can_park else None,
+            request_rate=self.demand.rate(copy.model, now),
+        )
+
+    def _free(self, gpu: str, excluding: int | None = None) -> int:
+        return self.room[gpu] - sum(c.hold for m, c in self.on_gpu[gpu].items() if m != excluding)
+
+    # ---- residency changes ------------------------------------------------------------------
+
+    def _event(self, time: float, kind: EventKind, copy: _Copy) -> None:
+        if self.record_events:
+            key = self.models[copy.model].key
+            self.result.events.append(Event(time, kind, key, copy.gpu, copy.hold))
+
+    def _leave_gpu(self, copy: _Copy) -> None:
+        del self.on_gpu[copy.gpu][copy.model]
+        del self.assignments[copy.node][self.models[copy.model].key]
+        self.held -= copy.hold
+
+    def _occupy(self, copy: _Copy, time: float, kind: EventKind) -> None:
+        if copy.hold > self._free(copy.gpu):
+            self.result.overcommits += 1
+        self.on_gpu[copy.gpu][copy.model] = copy
+        self.assignments[copy.node][self.models[copy.model].key] = self._assignment(
+            copy.model, copy.gpu
+        )
+        self.held += copy.hold
+        self.where[copy.model] = copy
+        self._event(time, kind, copy)
+
+    def _evict(self, key: str, kind: str, time: float) -> None:
+        model = self.index[key]
+        copy = self.where[model]
+        self._leave_gpu(copy)
+        self.result.evictions += 1
+        if self.models[model].priority is Priority.CRITICAL:
+            self.result.critical_evictions += 1
+        if kind == "park":
+            copy.state = ModelState.SLEEPING
+            self.host_used[copy.node] += self.models[model].vram_bytes
+            self.result.parks += 1
+            self._event(time, "park", copy)
+        else:
+            del self.where[model]
+            self._event(time, "preempt" if kind == "preempt" else "unload", copy)
+
+    def _unpark(self, copy: _Copy) -> None:
+        self.host_used[copy.node] -= self.models[copy.model].vram_bytes
+
+    def _footprint(self, model: int, gpu: str) -> int:
+        """What it holds on `gpu` by the operator's accounting rule (api/budget.py)."""
+        cached = self._footprints.get((model, gpu))
+        if cached is None:
+            unit = next(g for g in self.gpus[self.node_of_gpu[gpu]] if g.uuid == gpu)
+            cached = self._request(self.models[model]).footprint(unit)
+            self._footprints[(model, gpu)] = cached
+        return cached
+
+    def _plan_on(
+        self, gpu: str, model: int, now: float, residents: dict[int, Resident] | None = None
+    ) -> RoomPlan:
+        """The agent's plan_room on one GPU for `model`, under the policy."""
+        node = self.node_of_gpu[gpu]
+        on_gpu = self.on_gpu[gpu].values()
+        return plan_room(
+            [residents[c.model] if residents else self._resident(c, now) for c in on_gpu],
+            self._footprint(model, gpu),
+            self._free(gpu, excluding=model),
+            EPOCH + now,
+            self.config,
+            incoming_priority=self.models[model].priority,
+            host_available_bytes=self.cluster.nodes[node].host_bytes - self.host_used[node],
+        )
+
+    def _apply(self, plan: RoomPlan, now: float) -> None:
+        for action in plan.actions:
+            self._evict(action.key, action.kind, now)
+
+    # ---- one request -------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        """Replay the whole trace; the Result also has the wall-clock seconds it took."""
+        started = wallclock.perf_counter()
+        result = self.result
+        times = self.trace.times
+        origin = times[0] if times else 0.0
+        if times:
+            self._preload_critical(origin)
+        next_sample = origin
+        offline = self.policy == "offline"
+        for i, model in enumerate(self.requests):
+            now = times[i]
+            if self.retry_at <= now:
+                self._retry(now)
+            while now >= next_sample:
+                result.samples.append((next_sample - origin, self.held))
+                next_sample += self.sample_every
+            if model < 0:
+                result.unmatched += 1
+                continue
+            result.requests += 1
+            self.demand.hit(model, now)
+            if offline:
+                self.next_use[model] = self.next_time[i]
+            self.last_access[model] = now
+            copy = self.where.get(model)
+            if copy is not None and copy.state is not ModelState.SLEEPING:
+                if copy.ready_at <= now:
+                    result.warm += 1
+                else:
+                    result.waited += 1
+                    result.latencies.append(copy.ready_at - now)
+                continue
+            waiting = self.pending.get(model)
+            if waiting is not None:
+                waiting.append(now)
+                continue
+            if self._bring(model, now):
+                result.latencies.append(self.where[model].ready_at - now)
+            else:
+                self.pending[model] = [now]
+                self.retry_at = min(self.retry_at, self._next_change(now))
+        end = (times[-1] if times else 0.0) + self.max_wait
+        self._retry(end)
+        for arrivals in self.pending.values():
+            result.unserved += len(arrivals)
+        self.pending.clear()
+        result.samples.append((self.trace.duration, self.held))
+        result.wall_seconds = wallclock.perf_counter() - started
+        return result
+
+    def _bring(self, model: int, now: float) -> bool:
+        """Wake or load `model` at `now`; False when no room can be made for it."""
+        copy = self.where.get(model)
+        return (copy is not None and self._wake(copy, now)) or self._cold(model, now)
+
+    def _next_change(self, now: float) -> float:
+        """The next moment room could appear (a loaded model passes the minimum residency and
+        becomes evictable) or a waiting request gives up."""
+        minimum = self.cluster.min_residency_seconds
+        moments = [
+            c.loaded_at + minimum
+            for copies in self.on_gpu.values()
+            for c in copies.values()
+            if c.loaded_at + minimum > now
+        ]
+        moments.extend(a[0] + self.max_wait for a in self.pending.values())
+        return min(moments, default=math.inf)
+
+    def _reclaimable(self, now: float) -> dict[str, list[tuple[int, int]]]:
+        """Per GPU, (priority rank, VRAM) of each model the eviction rules let go now."""
+        stamp = EPOCH + now
+        return {
+            gpu: [
+                (self.models[c.model].priority.rank, c.hold)
+                for c in copies.values()
+                if is_evictable(self._resident(c, now), stamp, self.config)
+            ]
+            for gpu, copies in self.on_gpu.items()
+        }
+
+    def _may_fit(self, model: int, reclaimable: dict[str, list[tuple[int, int]]]) -> bool:
+        """Whether some GPU could take it, counting what its priority may displace there (a
+        quick test before asking placement and eviction, which decide)."""
+        rank = self.models[model].priority.rank
+        return (
+            any(
+                self._free(gpu, model) + sum(h for r, h in reclaimable[gpu] if r <= rank)
+                >= self._footprint(model, gpu)
+                for gpu in self.eligible[model]
+            )
+            or rank >= Priority.HIGH.rank
+        )
+
+    def _retry(self, until: float) -> None:
+        """Serve waiting requests at each moment room may have appeared, up to `until`."""
+        while self.pending and self.retry_at <= until:
+            now = self.retry_at
+            reclaimable = self._reclaimable(now)
+            for model in list(self.pending):
+                arrivals = self.pending[model]
+                live = [a for a in arrivals if a + self.max_wait > now]
+                self.result.unserved += len(arrivals) - len(live)
+                if not live:
+                    del self.pending[model]
+                    continue
+                self.pending[model] = live
+                if not self._may_fit(model, reclaimable) and model not in self.where:
+                    continue
+                if self._bring(model, now):
+                    ready = self.where[model].ready_at
+                    self.result.latencies.extend(ready - a for a in live)
+                    self.result.waited += len(live) - 1
+                    del self.pending[model]
+            self.retry_at = self._next_change(now) if self.pending else math.inf
+
+    def _preload_critical(self, start: float) -> None:
+        """Critical models are resident before the trace starts, as the operator placed them."""
+        for model, spec in enumerate(self.models):
+            if spec.priority is not Priority.CRITICAL:
+                continue
+            decision = place(
+                self._request(spec), self._views(start), self.placement, self._now(start)
+            )
+            if decision.chosen:
+                self._load(model, decision.chosen[0].gpu_uuid, start, seconds=0.0, kind="load")
+
+    def _views(self, now: float) -> list[NodeView]:
+        stamp = self._now(now)
+        return [self._view(n, stamp) for n in range(len(self.cluster.nodes))]
+
+    def _load(self, model: int, gpu: str, now: float, *, seconds: float, kind: EventKind) -> None:
+        node = self.node_of_gpu[gpu]
+        copy = _Copy(
+            model=model,
+            node=node,
+            gpu=gpu,
+            state=ModelState.LOADED,
+            ready_at=now + seconds,
+            loaded_at=now + seconds,
+            hold=self._footprint(model, gpu),
+        )
+        self._occupy(copy, now, kind)
+        self.result.cold_load_seconds += seconds
+
+    def _wake(self, copy: _Copy, now: float) -> bool:
+        """Wake a parked model on its own GPU; False when no room can be made there."""
+        plan = self._plan_on(copy.gpu, copy.model, now)
+        self._unpark(copy)
+        if not plan.feasible:
+            del self.where[copy.model]
+            return False
+        self._apply(plan, now)
+        seconds = self.cluster.wake_seconds_for(
+            self.cluster.nodes[copy.node], self.models[copy.model]
+        )
+        self.result.wakes += 1
+        self._load(copy.model, copy.gpu, now, seconds=seconds, kind="wake")
+        return True
+
+    def _cold(self, model: int, now: float) -> bool:
+        spec = self.models[model]
+        request = self._request(spec)
+        decision = PlacementDecision()
+        if any(self._free(g, model) >= self._footprint(model, g) for g in self.eligible[model]):
+            decision = place(request, self._views(now), self.placement, self._now(now))
+        if not decision.chosen:
+            plan = self._coldest_plan(model, now)
+            if plan is not None:
+                self._apply(plan, now)
+                decision = place(request, self._views(now), self.placement, self._now(now))
+            elif spec.priority.rank >= Priority.HIGH.rank:
+                decision = place(request, self._views(now), self.preempting, self._now(now))
+                for victim in decision.preempted:
+                    self.result.preemptions += 1
+                    self._evict(victim.key, "preempt", now)
+        if not decision.chosen:
+            return False
+        gpu = decision.chosen[0].gpu_uuid
+        node = self.cluster.nodes[self.node_of_gpu[gpu]]
+        self.result.cold_starts += 1
+        self._load(model, gpu, now, seconds=self.cluster.load_seconds(node, spec), kind="load")
+        return True
+
+    def _coldest_plan(self, model: int, now: float) -> RoomPlan | None:
+        """The feasible plan whose hottest victim is coldest in the policy's cluster-wide order.
+
+        Ties go to fewer victims, then fewer bytes freed, then the GPU's name. A GPU's plan takes
+        its victims coldest first, so its hottest victim is no colder than its coldest
+        displaceable resident: GPUs are tried in that order, and the search stops once no GPU
+        left can beat the best plan found (the result is that of trying every GPU).
+        """
+        gpus = self.eligible[model]
+        residents = {c.model: self._resident(c, now) for g in gpus for c in self.on_gpu[g].values()}
+        ordered = coldest_first(residents.values(), EPOCH + now, self.config)
+        rank = {r.key: i for i, r in enumerate(ordered)}
+        incoming = self.models[model].priority.rank
+        bound: dict[str, int] = {}
+        for gpu in gpus:
+            candidates = [
+                rank[self.models[c.model].key]
+                for c in self.on_gpu[gpu].values()
+                if residents[c.model].priority.rank <= incoming
+            ]
+            bound[gpu] = min(candidates, default=len(rank))
+        best: tuple[tuple[int, int, int, str], RoomPlan] | None = None
+        for gpu in sorted(gpus, key=lambda g: (bound[g], g)):
+            if best is not None and bound[gpu] > best[0][0]:
+                break
+            plan = self._plan_on(gpu, model, now, residents)
+            if not plan.feasible:
+                continue
+            hottest = max((rank[a.key] for a in plan.actions), default=-1)
+            score = (hottest, len(plan.actions), plan.freed_bytes, gpu)
+            if best is None or score < best[0]:
+                best = (score, plan)
+        return None if best is None else best[1]
+
+
+def simulate(
+    cluster: ClusterSpec,
+    models: Sequence[SimModel],
+    trace: Trace,
+    policies: Sequence[str] = POLICY_NAMES,
+    *,
+    rate_half_life: float = 600.0,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Every policy over the same trace, in the order given."""
+    results = []
+    for policy in policies:
+        result = Simulation(cluster, models, trace, policy, rate_half_life=rate_half_life).run()
+        if progress is not None:
+            progress(result)
+        results.append(result)
+    return results
