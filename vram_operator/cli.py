@@ -30,6 +30,10 @@ COMPONENTS = {
         "serve the OpenAI and Ollama APIs for every resident model",
     ),
     "demo": ("vram_operator.demo", "local control plane + simulated GPU nodes + operator"),
+    "simulate": (
+        "vram_operator.capacity.main",
+        "replay request traces: eviction policies side by side, capacity sweeps",
+    ),
 }
 
 
