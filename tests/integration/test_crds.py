@@ -40,6 +40,7 @@ from vram_operator.api import (
     parse_spec,
 )
 from vram_operator.api.crd import custom_resource_definitions, openapi_schema
+from vram_operator.api.modelpolicy import ModelPolicySpec
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -50,6 +51,7 @@ BAD = yaml.safe_load((ROOT / "tests/data/bad-modeldeployments.yaml").read_text()
 INVALID = yaml.safe_load((ROOT / "tests/data/invalid-specs.yaml").read_text())
 MDEP = "modeldeployments"
 GPUN = "gpunodes"
+CLUSTER_SCOPED = {"GPUNode": GPUN, "ModelPolicy": "modelpolicies"}
 # kubectl reads discovery and OpenAPI, which the API server updates a moment after a CRD is
 # Established; commands that depend on them are retried for this long.
 DISCOVERY_WAIT_S = 30.0
@@ -97,13 +99,14 @@ def scratch(k8s_client: client.ApiClient, crds: None) -> Iterator[Scratch]:
                 custom.patch_namespaced_custom_object(*args, {"metadata": {"finalizers": None}})
             with contextlib.suppress(ApiException):
                 custom.delete_namespaced_custom_object(*args)
-        nodes: Any = custom.list_cluster_custom_object(GROUP, VERSION, GPUN)
-        for item in nodes["items"]:
-            if item["metadata"]["name"].endswith(f"-{suffix}"):
-                with contextlib.suppress(ApiException):
-                    custom.delete_cluster_custom_object(
-                        GROUP, VERSION, GPUN, item["metadata"]["name"]
-                    )
+        for plural in CLUSTER_SCOPED.values():
+            listed: Any = custom.list_cluster_custom_object(GROUP, VERSION, plural)
+            for item in listed["items"]:
+                if item["metadata"]["name"].endswith(f"-{suffix}"):
+                    with contextlib.suppress(ApiException):
+                        custom.delete_cluster_custom_object(
+                            GROUP, VERSION, plural, item["metadata"]["name"]
+                        )
         with contextlib.suppress(ApiException):
             core.delete_namespace(made.namespace)
 
@@ -196,7 +199,7 @@ def _manifest(name: str, namespace: str, spec: Any) -> dict[str, Any]:
 def _placed(doc: dict[str, Any], scratch: Scratch) -> dict[str, Any]:
     """An example moved into the scratch namespace (or, cluster-scoped, given a unique name)."""
     doc = copy.deepcopy(doc)
-    if doc["kind"] == "GPUNode":
+    if doc["kind"] in CLUSTER_SCOPED:
         doc["metadata"]["name"] = scratch.name(doc["metadata"]["name"])
     else:
         doc["metadata"]["namespace"] = scratch.namespace
@@ -206,8 +209,9 @@ def _placed(doc: dict[str, Any], scratch: Scratch) -> dict[str, Any]:
 def _read(custom: client.CustomObjectsApi, doc: dict[str, Any]) -> dict[str, Any]:
     meta = doc["metadata"]
     found: Any
-    if doc["kind"] == "GPUNode":
-        found = custom.get_cluster_custom_object(GROUP, VERSION, GPUN, meta["name"])
+    if doc["kind"] in CLUSTER_SCOPED:
+        plural = CLUSTER_SCOPED[doc["kind"]]
+        found = custom.get_cluster_custom_object(GROUP, VERSION, plural, meta["name"])
     else:
         found = custom.get_namespaced_custom_object(
             GROUP, VERSION, meta["namespace"], MDEP, meta["name"]
@@ -271,6 +275,10 @@ def test_example_is_accepted(
     # The server's defaults and the operator's defaults agree on what the example means.
     if doc["kind"] == "GPUNode":
         assert GPUNodeSpec.model_validate(stored["spec"]) == GPUNodeSpec.model_validate(doc["spec"])
+    elif doc["kind"] == "ModelPolicy":
+        assert ModelPolicySpec.model_validate(stored["spec"]) == ModelPolicySpec.model_validate(
+            doc["spec"]
+        )
     else:
         assert parse_spec(stored["spec"]) == parse_spec(doc["spec"])
         assert stored["spec"]["priority"] == doc["spec"].get("priority", "normal")

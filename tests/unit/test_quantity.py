@@ -100,7 +100,7 @@ def test_rejects_non_string_duration() -> None:
         parse_duration(30)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", ["1" + "0" * 100, 2**63, "8Ei", "4.1Ei", str(2**62 + 1)])
+@pytest.mark.parametrize("value", ["1" + "0" * 100, 2**63, "8Ei", "1Ei", str(10**18 + 1)])
 def test_quantities_past_int64_are_refused_before_any_status_carries_them(
     value: str | int,
 ) -> None:
@@ -109,7 +109,7 @@ def test_quantities_past_int64_are_refused_before_any_status_carries_them(
 
 
 def test_the_largest_quantity_is_accepted() -> None:
-    assert parse_bytes("4Ei") == 2**62
+    assert parse_bytes("1E") == 10**18
 
 
 @pytest.mark.parametrize("text", ["9" * 400 + "s", "9" * 20 + "h", "8785h", "4000h" * 3])

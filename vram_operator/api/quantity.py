@@ -25,10 +25,11 @@ POSITIVE_BYTES_PATTERN = (
 )
 QUANTITY_HELP = "a byte quantity such as 6Gi, 6.5Gi, 500M or 8000000000"
 QUANTITY_MAX_LENGTH = 32
-MAX_BYTES = 2**62
-"""The largest quantity (4Ei). Kubernetes stores integers as int64 and a bigger figure makes
-every write of it fail (422); 2^62 rather than 2^63-1 because the API server reads a schema's
-`maximum` as a float64, and 2^63-1 rounds up to 2^63, which overflows to -2^63."""
+MAX_BYTES = 10**18
+"""The largest quantity (1E, about 888Pi). Kubernetes stores integers as int64 and a bigger
+figure makes every write of it fail (422). Not 2^63-1: the API server keeps a schema's
+`maximum` as a float64, where 2^63-1 rounds to 2^63 and overflows to -2^63, and 2^62 comes
+back as 4611686018427388000, which no longer equals the CRD we apply. 10^18 is exact both ways."""
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
@@ -75,7 +76,7 @@ def parse_bytes(value: str | int) -> int:
 
 def _within_int64(result: int, value: str | int) -> int:
     if result > MAX_BYTES:
-        raise ValueError(f"{value!r} is too large: at most 4Ei (2^62 bytes)")
+        raise ValueError(f"{value!r} is too large: at most 1E (10^18 bytes)")
     return result
 
 
