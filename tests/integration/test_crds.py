@@ -416,13 +416,24 @@ def test_kubectl_get_vram_prints_the_printer_columns(
     assert re.fullmatch(r"\d+s", row["AGE"]), row
 
     headers, rows = tables[f"gpunode.{GROUP}"]
-    assert headers == [
-        "NAMESPACE", "NAME", "GPUS", "FREE VRAM", "MODELS", "MEMORY PSI", "HEARTBEAT"
+    # kubectl prints an empty NAMESPACE column for a cluster-scoped table after a namespaced
+    # one, and none once another cluster-scoped kind (ModelPolicy) comes first.
+    assert [h for h in headers if h != "NAMESPACE"] == [
+        "NAME", "GPUS", "FREE VRAM", "MODELS", "MEMORY PSI", "HEARTBEAT"
     ]  # fmt: skip
     (row,) = [r for r in rows if r["NAME"] == f"gpunode.{GROUP}/{node}"]
     assert (row["GPUS"], row["FREE VRAM"], row["MODELS"]) == ("2", "156Gi", "3")
     assert row["MEMORY PSI"] == "0.25"
     assert re.fullmatch(r"\d+s", row["HEARTBEAT"]), row
+
+    headers, rows = tables[f"modelpolicy.{GROUP}"]  # the trusted policy the fixtures install
+    assert [h for h in headers if h != "NAMESPACE"] == [
+        "NAME",
+        "QUOTA",
+        "USED",
+        "NAMESPACES",
+        "AGE",
+    ]
 
 
 def test_short_names_list_the_objects(
