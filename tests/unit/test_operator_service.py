@@ -43,6 +43,7 @@ class MemoryStore:
         self.conditions: dict[str, list[Condition]] = {}
         self.events: list[tuple[str, str]] = []
         self.policy_status: dict[str, ModelPolicyStatus] = {}
+        self.refuse_writes = False
 
     async def list_gpunodes(self) -> list[GPUNode]:
         return list(self.gpunodes.values())
@@ -63,6 +64,8 @@ class MemoryStore:
         return self.gpunodes.get(node)
 
     async def set_assignments(self, node: str, changes: Mapping[str, Assignment | None]) -> bool:
+        if self.refuse_writes:
+            raise RuntimeError("etcdserver: request is too large")
         gpunode = self.gpunodes.get(node)
         if gpunode is None:
             return False
@@ -357,3 +360,18 @@ async def test_a_size_reported_by_a_node_that_was_not_assigned_the_model_is_igno
     await drain(svc)
     assert "ns.m" in store.assigned(home)
     assert raw  # the report landed; the operator simply does not believe it
+
+
+async def test_a_write_that_raises_releases_what_it_reserved() -> None:
+    store, clock = MemoryStore(), Clock()
+    store.add_node("a", total=8 * GI)
+    store.apply("big", vram="6Gi")
+    svc = await service(store, clock)
+    store.refuse_writes = True
+    await svc._guarded("ns", "big")  # logged, never raised to the worker
+    assert store.assigned("a") == set()
+    store.refuse_writes = False
+    store.apply("other", vram="6Gi")
+    svc.mark("ns", "other")
+    await svc._guarded("ns", "other")
+    assert store.assigned("a") == {"ns.other"}  # the 6Gi the failed write held were released

@@ -73,6 +73,9 @@ class AgentConfig:
 
     node: str
     report_interval: float = 10.0
+    report_gap: float = 0.25
+    """The least time between two reports: a burst of loads finishing is one status write,
+    not one each, and the API server keeps up with many nodes. Well inside one interval."""
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     retry_initial_seconds: float = 5.0
     retry_max_seconds: float = 300.0
@@ -140,17 +143,29 @@ class NodeAgent:
         )
         watcher.start()
         try:
-            next_report = 0.0
+            next_report = quiet_until = 0.0
             while not stop.is_set():
                 await self.reconcile()
-                if self._report_soon.is_set() or time.monotonic() >= next_report:
+                moment = time.monotonic()
+                if moment >= next_report or (self._report_soon.is_set() and moment >= quiet_until):
                     self._report_soon.clear()
                     try:
                         await self.report()
                     except StoreError as exc:  # the API server is away: report again later
                         log.warning("%s", exc)
-                    next_report = time.monotonic() + self.config.report_interval
-                await self._sleep_until_woken(stop, max(0.0, next_report - time.monotonic()))
+                    moment = time.monotonic()
+                    next_report = moment + self.config.report_interval
+                    quiet_until = moment + min(
+                        self.config.report_gap, self.config.report_interval / 2
+                    )
+                deadline = next_report
+                if self._report_soon.is_set():
+                    deadline = min(deadline, quiet_until)
+                await self._sleep_until_woken(
+                    stop,
+                    max(0.0, deadline - time.monotonic()),
+                    report_wakes=time.monotonic() >= quiet_until,
+                )
         finally:
             watch_stop.set()
             for task in self._tasks.values():
@@ -158,8 +173,13 @@ class NodeAgent:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             await asyncio.to_thread(watcher.join, 10)
 
-    async def _sleep_until_woken(self, stop: asyncio.Event, seconds: float) -> None:
-        waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, self._report_soon, stop)]
+    async def _sleep_until_woken(
+        self, stop: asyncio.Event, seconds: float, report_wakes: bool = True
+    ) -> None:
+        """Sleep `seconds` or until there is work; a report wish wakes only when `report_wakes`
+        (otherwise the sleep ends when the quiet gap after the last report does)."""
+        events = (self._wake, self._report_soon, stop) if report_wakes else (self._wake, stop)
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
