@@ -21,6 +21,10 @@ COMPONENTS = {
         "vram_operator.node_agent.vllm_supervisor",
         "start and stop `vllm serve` processes in the vLLM sidecar",
     ),
+    "diffusion-server": (
+        "vram_operator.diffusion.server",
+        "hold Stable Diffusion pipelines on the GPUs and serve OpenAI's images API",
+    ),
     "local-cluster": (
         "vram_operator.localcluster",
         "run a local kube-apiserver + etcd and print its kubeconfig",

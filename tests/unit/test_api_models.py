@@ -65,7 +65,7 @@ def test_crd_schema_is_structural_and_carries_constraints() -> None:
     schema = mdep["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
     assert set(spec["required"]) == {"model", "backend"}
-    assert spec["properties"]["backend"]["enum"] == ["ollama", "vllm"]
+    assert spec["properties"]["backend"]["enum"] == ["ollama", "vllm", "diffusers"]
     assert spec["properties"]["priority"]["default"] == "normal"
     assert spec["properties"]["replicas"]["minimum"] == 0
     assert "pattern" in spec["properties"]["vram"]

@@ -13,6 +13,11 @@ measurement) on a GPU of `total` bytes::
              decimals, so the budget is rounded up to the next 0.1% (up to ~82 MiB on 80 GiB);
              the CUDA context and the CUDA-graph pool of each instance sit outside that budget
              (vLLM 0.11.0 v1/worker/gpu_worker.py), so every instance costs that much more.
+    diffusers: footprint = vram
+             One diffusion server holds every pipeline of the GPU in one process, so there is
+             no per-model process overhead; spec.vram (or the estimate) is the pipeline's
+             weights at its dtype plus the activation peak of one image at its resolution,
+             which the server keeps room for while the pipeline is resident.
 
 Per GPU, the operator never promises `reserve_bytes(min_free)`: the agents' minimum free
 memory plus PLACEMENT_SLACK_BYTES, so the agent's own check (free - min_free >= footprint)
@@ -71,7 +76,7 @@ def footprint_bytes(backend: Backend, vram_bytes: int, gpu_total_bytes: int) -> 
         except BudgetError:
             return max(vram_bytes, gpu_total_bytes + 1) + VLLM_INSTANCE_OVERHEAD_BYTES
         return -(-milli * gpu_total_bytes // 1000) + VLLM_INSTANCE_OVERHEAD_BYTES
-    return vram_bytes
+    return vram_bytes  # ollama and diffusers: the figure is the whole footprint
 
 
 def reserve_bytes(min_free_bytes: int) -> int:

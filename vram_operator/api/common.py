@@ -67,6 +67,8 @@ class Backend(StrEnum):
 
     OLLAMA = "ollama"
     VLLM = "vllm"
+    DIFFUSERS = "diffusers"
+    """Stable Diffusion pipelines in our diffusion server (`vram-operator diffusion-server`)."""
 
 
 class ModelState(StrEnum):

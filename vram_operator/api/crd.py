@@ -162,7 +162,7 @@ def custom_resource_definitions() -> list[JSON]:
             description=modeldeployment.ModelDeployment.__doc__ or "",
             spec_required=True,
             columns=[
-                _column("Backend", ".spec.backend", description="ollama or vllm"),
+                _column("Backend", ".spec.backend", description="ollama, vllm or diffusers"),
                 _column("Priority", ".spec.priority"),
                 _column("Ready", ".status.ready", description="ready/desired replicas"),
                 _column("VRAM", ".status.vram", description="VRAM per replica"),

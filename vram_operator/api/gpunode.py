@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field
 
 from .common import Backend, CamelModel, Conditions, ModelState, Priority
+from .diffusion import DiffusersOptions
 from .modeldeployment import OllamaOptions, VLLMOptions
 from .quantity import MAX_BYTES
 
@@ -55,7 +56,7 @@ class Assignment(CamelModel):
     """The backend's model reference."""
 
     backend: Backend
-    """ollama or vllm."""
+    """ollama, vllm or diffusers."""
 
     priority: Priority = Priority.NORMAL
     """The ModelDeployment's priority, used by the agent's eviction policy."""
@@ -74,6 +75,9 @@ class Assignment(CamelModel):
 
     ollama: OllamaOptions | None = None
     """Ollama options from the ModelDeployment."""
+
+    diffusers: DiffusersOptions | None = None
+    """Diffusion pipeline options from the ModelDeployment."""
 
 
 class GPUNodeSpec(CamelModel):
@@ -160,7 +164,7 @@ class BackendHealth(CamelModel):
     """An inference server beside the agent."""
 
     name: Backend
-    """ollama or vllm."""
+    """ollama, vllm or diffusers."""
 
     healthy: bool
     """Whether it answered its health check."""
@@ -189,7 +193,7 @@ class ResidentModel(CamelModel):
     """The backend's model reference."""
 
     backend: Backend
-    """ollama or vllm."""
+    """ollama, vllm or diffusers."""
 
     gpu_uuid: str | None = None
     """The GPU holding it."""

@@ -17,6 +17,7 @@ from .common import (
     Priority,
     Quantity,
 )
+from .diffusion import DiffusersOptions
 from .quantity import parse_duration, parse_positive_bytes
 
 KIND = "ModelDeployment"
@@ -160,7 +161,7 @@ class ModelDeploymentSpec(CamelModel):
     absolute path for vLLM."""
 
     backend: Backend
-    """The inference server that holds the model: ollama or vllm."""
+    """The inference server that holds the model: ollama, vllm or diffusers."""
 
     priority: Priority = Priority.NORMAL
     """critical, high, normal or low. critical is never evicted; higher priorities displace
@@ -188,6 +189,10 @@ class ModelDeploymentSpec(CamelModel):
     ollama: OllamaOptions | None = None
     """Ollama options; only with backend ollama."""
 
+    diffusers: DiffusersOptions | None = None
+    """Diffusion pipeline options (dtype, scheduler, memory savers); only with backend
+    diffusers."""
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Self:
         _check_model_ref(self.backend, self.model)
@@ -195,6 +200,10 @@ class ModelDeploymentSpec(CamelModel):
             raise SpecError("spec.vllm", f"only allowed with backend vllm, not {self.backend}")
         if self.ollama is not None and self.backend is not Backend.OLLAMA:
             raise SpecError("spec.ollama", f"only allowed with backend ollama, not {self.backend}")
+        if self.diffusers is not None and self.backend is not Backend.DIFFUSERS:
+            raise SpecError(
+                "spec.diffusers", f"only allowed with backend diffusers, not {self.backend}"
+            )
         if self.vllm is not None:
             for index, arg in enumerate(self.vllm.args):
                 owned = supervisor_owned(arg)
@@ -243,13 +252,21 @@ def _check_model_ref(backend: Backend, model: str) -> None:
             "spec.model",
             f"{model!r} is not an Ollama model reference; use name[:tag], e.g. llama3.2:1b",
         )
-    if backend is Backend.VLLM and model.startswith("/") and ".." in model.split("/"):
+    if backend is Backend.OLLAMA:
+        return
+    if model.startswith("/") and ".." in model.split("/"):
         raise SpecError("spec.model", f"{model!r} climbs out of a folder ('..'); write it plainly")
     if backend is Backend.VLLM and not _VLLM_REF.match(model):
         raise SpecError(
             "spec.model",
             f"{model!r} is not a vLLM model; use a Hugging Face id such as "
             "Qwen/Qwen2.5-0.5B-Instruct or an absolute path",
+        )
+    if backend is Backend.DIFFUSERS and not _VLLM_REF.match(model):
+        raise SpecError(
+            "spec.model",
+            f"{model!r} is not a diffusers pipeline; use a Hugging Face id such as "
+            "stabilityai/stable-diffusion-xl-base-1.0 or an absolute path to its folder",
         )
 
 

@@ -36,7 +36,7 @@ from vram_operator.api import (
 )
 from vram_operator.api.budget import footprint_bytes
 
-from .backends import BackendError, LoadRequest, ModelBackend
+from .backends import BackendError, LoadRequest, ModelBackend, backend_args
 from .backends.ollama_names import same_model as same_ollama_model
 from .eviction import (
     EvictionConfig,
@@ -426,7 +426,7 @@ class NodeAgent:
                         vram_bytes=figure,
                         keep_alive_seconds=assignment.keep_alive_seconds,
                         options=assignment.ollama.options if assignment.ollama else {},
-                        args=list(assignment.vllm.args) if assignment.vllm else [],
+                        args=backend_args(assignment),
                         sleep_mode=bool(assignment.vllm and assignment.vllm.sleep_mode),
                     )
                 )
@@ -457,7 +457,7 @@ class NodeAgent:
     async def _needed_bytes(self, assignment: Assignment, backend: ModelBackend) -> tuple[int, str]:
         if assignment.vram_bytes:
             return assignment.vram_bytes, "spec"
-        args = list(assignment.vllm.args) if assignment.vllm else []
+        args = backend_args(assignment)
         wanted = LoadRequest(
             key="",
             model=assignment.model,

@@ -14,7 +14,7 @@ from vram_operator.kubeconfig import api_client
 from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
 
 from .agent import AgentConfig, NodeAgent
-from .backends import ModelBackend, OllamaBackend, VLLMBackend
+from .backends import DiffusersBackend, ModelBackend, OllamaBackend, VLLMBackend
 from .demand import DemandAwareBackend, GatewayDemand
 from .eviction import POLICIES, EvictionConfig
 from .metrics import AgentMetrics
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "operator places no more Ollama models on this node",
     )
     parser.add_argument("--vllm-supervisor-url", default=None, help="e.g. http://127.0.0.1:8900")
+    parser.add_argument("--diffusion-server-url", default=None, help="e.g. http://127.0.0.1:8950")
     parser.add_argument(
         "--gateway-demand-url",
         default=None,
@@ -105,6 +106,8 @@ def _backends(args: argparse.Namespace) -> dict[Backend, ModelBackend]:
         )
     if args.vllm_supervisor_url:
         backends[Backend.VLLM] = VLLMBackend(args.vllm_supervisor_url)
+    if args.diffusion_server_url:
+        backends[Backend.DIFFUSERS] = DiffusersBackend(args.diffusion_server_url)
     if args.gateway_demand_url:
         demand = GatewayDemand(args.gateway_demand_url, interval=args.report_interval / 2)
         return {kind: DemandAwareBackend(b, demand) for kind, b in backends.items()}

@@ -68,12 +68,14 @@ def download(
     hub: Any,
     emit: Callable[[dict[str, Any]], None],
     interval: float = 1.0,
+    select: Callable[[Sequence[str]], list[str]] = wanted_files,
 ) -> str:
-    """Fetch `model` with `hub` (the huggingface_hub module); the snapshot folder."""
+    """Fetch `model` with `hub` (the huggingface_hub module); the snapshot folder. `select`
+    picks the files to fetch out of the repository's (default: what `vllm serve` reads)."""
     revision = os.environ.get("VRAM_MODEL_REVISION") or None
     info = hub.HfApi().model_info(model, revision=revision, files_metadata=True)
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
-    files = wanted_files(list(sizes))
+    files = select(list(sizes))
     total = sum(sizes[name] for name in files)
     emit({"completedBytes": 0, "totalBytes": total})
     cache = Path(hub.constants.HF_HUB_CACHE)

@@ -678,6 +678,7 @@ class OperatorService:
             vram_bytes=spec.vram_bytes,
             keep_alive_seconds=spec.keep_alive_seconds,
             vllm=spec.vllm,
+            diffusers=spec.diffusers,
             ollama=spec.ollama,
         )
 

@@ -136,7 +136,9 @@ class SimulatedCluster:
         taints: Sequence[dict[str, Any]] = (),
         agent_args: Sequence[str] = (),
         ollama_args: Sequence[str] = (),
+        diffusion: bool = False,
     ) -> SimulatedNode:
+        """`diffusion` adds the diffusion server with fake pipelines to the node."""
         create_node(self.api, name, labels, taints)
         node = self.node_class(
             name,
@@ -148,6 +150,7 @@ class SimulatedCluster:
             # Nodes share this machine's loopback, so each supervisor gets its own ports.
             vllm_ports=f"{8100 + 20 * len(self.nodes)}-{8119 + 20 * len(self.nodes)}",
             env=self.env,
+            **({"diffusion": True} if diffusion else {}),
         )
         self.nodes[name] = node
         return node.start()

@@ -1,5 +1,6 @@
 """Simulated GPU nodes as real processes: a fake Ollama, the real vLLM supervisor running the
-fake vLLM, and the real agent, all on loopback and sharing one simulated GPU state file.
+fake vLLM, optionally the real diffusion server with fake pipelines (`diffusion=True`), and the
+real agent, all on loopback and sharing one simulated GPU state file.
 
 The integration tests and the demo both start nodes this way, so what the demo shows is
 what the tests check.
@@ -111,6 +112,7 @@ class SimulatedNode:
         vllm: bool = True,
         vllm_ports: str = "8100-8199",
         env: Mapping[str, str] | None = None,
+        diffusion: bool = False,
     ) -> None:
         """`env` is added to every process's environment (`PYTHONPATH` set to another
         checkout runs that checkout's code)."""
@@ -123,6 +125,9 @@ class SimulatedNode:
         self.ollama_args = list(ollama_args)
         self.vllm = vllm
         self.vllm_ports = vllm_ports
+        self.diffusion = diffusion
+        self.diffusion_url = ""
+        self.diffusion_serve_url = ""
         self.gpu_state = self.dir / "gpus.json"
         self.env = {
             **os.environ,
@@ -136,6 +141,7 @@ class SimulatedNode:
         self.metrics_port = free_port()
         self.ollama: ManagedProcess | None = None
         self.supervisor: ManagedProcess | None = None
+        self.diffusion_server: ManagedProcess | None = None
         self.agent: ManagedProcess | None = None
 
     @property
@@ -157,6 +163,8 @@ class SimulatedNode:
             )
             self.supervisor.start()
             self.supervisor_url = f"http://127.0.0.1:{port}"
+        if self.diffusion:
+            self.start_diffusion()
         self.start_agent()
         return self
 
@@ -181,6 +189,37 @@ class SimulatedNode:
             "--serve-port",
             str(free_port()),
         ]
+
+    def start_diffusion(self) -> None:
+        """The real diffusion server with fake pipelines on this node's simulated GPUs."""
+        port, serve_port = free_port(), free_port()
+        self.diffusion_server = ManagedProcess(
+            f"{self.name}/diffusion-server",
+            [
+                sys.executable,
+                "-m",
+                "vram_operator",
+                "diffusion-server",
+                "--simulate",
+                str(self.gpu_state),
+                "--port",
+                str(port),
+                "--serve-host",
+                "127.0.0.1",
+                "--serve-port",
+                str(serve_port),
+                "--advertise-host",
+                "127.0.0.1",
+                "--default-steps",
+                "4",
+            ],
+            self.dir / "diffusion-server.log",
+            self.env,
+        )
+        self.diffusion_server.start()
+        self.diffusion_server.wait_for_line(_LISTENING)
+        self.diffusion_url = f"http://127.0.0.1:{port}"
+        self.diffusion_serve_url = f"http://127.0.0.1:{serve_port}"
 
     def start_ollama(self) -> None:
         """Start (or restart) the fake Ollama on this node's fixed port."""
@@ -223,13 +262,15 @@ class SimulatedNode:
             "--metrics-host",
             "127.0.0.1",
             *(["--vllm-supervisor-url", self.supervisor_url] if self.supervisor_url else []),
+            *(["--diffusion-server-url", self.diffusion_url] if self.diffusion_url else []),
             *self.agent_args,
         ]
         self.agent = ManagedProcess(f"{self.name}/agent", argv, self.dir / "agent.log", self.env)
         self.agent.start()
 
     def processes(self) -> list[ManagedProcess]:
-        return [p for p in (self.agent, self.supervisor, self.ollama) if p is not None]
+        processes = (self.agent, self.supervisor, self.diffusion_server, self.ollama)
+        return [p for p in processes if p is not None]
 
     def stop(self) -> None:
         for process in self.processes():

@@ -2,6 +2,7 @@
 
 - `OllamaBackend`: Ollama's HTTP API; one server holds many models.
 - `VLLMBackend`: our vLLM supervisor, which runs one `vllm serve` per model.
+- `DiffusersBackend`: our diffusion server, which holds several Stable Diffusion pipelines.
 """
 
 from .base import (
@@ -16,12 +17,14 @@ from .base import (
     Transport,
     with_retries,
 )
+from .diffusers import DiffusersBackend, backend_args
 from .ollama import OllamaBackend
 from .vllm import VLLMBackend
 
 __all__ = [
     "AiohttpTransport",
     "BackendError",
+    "DiffusersBackend",
     "LoadRequest",
     "ModelBackend",
     "OllamaBackend",
@@ -31,5 +34,6 @@ __all__ = [
     "RetryPolicy",
     "Transport",
     "VLLMBackend",
+    "backend_args",
     "with_retries",
 ]
