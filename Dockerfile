@@ -8,9 +8,14 @@
 #       vllm/vllm-openai with vram-operator installed, for the chart's vllm sidecar, which
 #       runs `vram-operator vllm-supervisor` next to the vLLM it starts; as user 10003
 #       (vllm/vllm-openai itself runs as root).
+#   docker build --target diffusion-sidecar -t vram-operator-diffusion:0.1.0 .
+#       a CUDA PyTorch image with vram-operator[diffusion] (diffusers, transformers), for the
+#       chart's diffusion sidecar: `vram-operator diffusion-server`, as user 10004.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
+# PyTorch's own CUDA runtime image; the `diffusion` extra pins torch==2.13.0 to match it.
+ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 # ---------------------------------------------------------------------- wheel
 FROM ${PYTHON_IMAGE} AS builder
@@ -47,6 +52,30 @@ USER 10003:10003
 EXPOSE 8900
 ENTRYPOINT ["vram-operator", "vllm-supervisor"]
 CMD ["--port", "8900"]
+
+# ------------------------------------------------------- diffusion sidecar
+# PyTorch with CUDA from its own image; the wheel's `diffusion` extra adds diffusers,
+# transformers and safetensors (torch is already the pinned one, so pip keeps it).
+FROM ${TORCH_IMAGE} AS diffusion-sidecar
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    set -e; wheel=$(ls /dist/*.whl); python -m pip install "${wheel}[diffusion]" \
+    && vram-operator --version \
+    && python -c "import diffusers, torch; print(diffusers.__version__, torch.__version__)"
+# Its own user (10004); its home holds the Hugging Face cache, where the chart mounts the
+# pipeline storage, so the root filesystem can stay read-only.
+RUN groupadd --system --gid 10004 diffusion \
+    && useradd --system --uid 10004 --gid diffusion --create-home --home-dir /home/diffusion \
+       --shell /usr/sbin/nologin diffusion
+ENV HOME=/home/diffusion \
+    XDG_CACHE_HOME=/home/diffusion/.cache \
+    HF_HOME=/home/diffusion/.cache/huggingface \
+    HF_HUB_DISABLE_TELEMETRY=1
+USER 10004:10004
+# 8950: control API (loopback); 8951: images API.
+EXPOSE 8950 8951
+ENTRYPOINT ["vram-operator", "diffusion-server"]
+CMD ["--port", "8950", "--serve-port", "8951"]
 
 # ------------------------------------------------------- operator and agent
 FROM ${PYTHON_IMAGE} AS runtime

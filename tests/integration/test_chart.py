@@ -967,3 +967,50 @@ def test_gateway_can_be_turned_off(helm: Helm) -> None:
     agent = _containers(_find(docs, "DaemonSet"))["agent"]
     assert not any(a.startswith("--gateway-demand-url") for a in agent["args"])
     assert "--ollama-url=http://127.0.0.1:11434" in agent["args"]
+
+
+def test_diffusion_sidecar_is_off_by_default_and_complete_when_on(helm: Helm) -> None:
+    default = _containers(_find(helm.render("plain", "vram-system"), "DaemonSet"))
+    assert "diffusion" not in default
+    assert not any(a.startswith("--diffusion-server-url") for a in default["agent"]["args"])
+
+    docs = helm.render(
+        "images",
+        "vram-system",
+        None,
+        "--set",
+        "diffusion.enabled=true,diffusion.gpus=1,diffusion.hfTokenSecret.name=hf-token",
+    )
+    daemonset = _find(docs, "DaemonSet")
+    pod = _containers(daemonset)
+    assert list(pod) == ["agent", "ollama", "vllm", "diffusion"]
+    parsed = _parse(pod["agent"]["args"])
+    assert parsed.diffusion_server_url == "http://127.0.0.1:8950"
+    diffusion = pod["diffusion"]
+    assert diffusion["command"] == ["vram-operator", "diffusion-server"]
+    parsed = _parse(diffusion["command"][1:] + diffusion["args"])
+    assert (parsed.host, parsed.port) == ("127.0.0.1", 8950)  # control: the agent only
+    assert (parsed.serve_host, parsed.serve_port) == ("0.0.0.0", 8951)
+    assert parsed.advertise_host == "$(POD_IP)"
+    assert parsed.simulate is None
+    assert diffusion["ports"] == [{"name": "diffusion", "containerPort": 8951, "protocol": "TCP"}]
+    assert diffusion["readinessProbe"]["httpGet"] == {"path": "/health", "port": "diffusion"}
+    assert diffusion["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "NVIDIA_VISIBLE_DEVICES" not in _env(diffusion)
+    assert _env(diffusion)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    security = diffusion["securityContext"]
+    assert security["runAsUser"] == 10004
+    assert security["readOnlyRootFilesystem"] is True
+    env = _env(diffusion)
+    volumes = {v["name"]: v for v in daemonset["spec"]["template"]["spec"]["volumes"]}
+    assert _writable_volume(diffusion, env["HF_HOME"]) == "diffusion-cache"
+    assert "emptyDir" in volumes[_writable_volume(diffusion, env["HOME"])]
+    assert "emptyDir" in volumes[_writable_volume(diffusion, "/tmp")]
+    assert (
+        volumes["diffusion-cache"]["hostPath"]["path"] == "/var/lib/vram-operator/diffusion-cache"
+    )
+    init = daemonset["spec"]["template"]["spec"]["initContainers"][0]
+    assert "/volumes/diffusion-cache=10004:10004" in init["args"]
+    policy = _find(docs, "NetworkPolicy")
+    serving = policy["spec"]["ingress"][0]
+    assert sorted(p["port"] for p in serving["ports"]) == [8000, 8951, 11434]

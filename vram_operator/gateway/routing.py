@@ -174,7 +174,7 @@ def _replica(
     deployment: ModelDeployment, node: GPUNode, node_name: str, endpoint: str | None
 ) -> Replica | None:
     backend = deployment.spec.backend
-    if backend is Backend.VLLM:
+    if backend in (Backend.VLLM, Backend.DIFFUSERS):
         if not endpoint:
             return None  # an older agent that reports no address: unreachable
         return Replica(node_name, backend, endpoint.rstrip("/"), deployment.spec.model)

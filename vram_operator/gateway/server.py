@@ -1,7 +1,9 @@
 """The gateway's HTTP server: the OpenAI and Ollama APIs in front of every resident model.
 
 Served:
-- OpenAI: GET /v1/models; POST /v1/chat/completions, /v1/completions, /v1/embeddings. A
+- OpenAI: GET /v1/models; POST /v1/chat/completions, /v1/completions, /v1/embeddings, and for
+  diffusion models /v1/images/generations and /v1/images/edits (JSON, base64 image), sent to
+  the pipeline's endpoint on the diffusion server. A
   vLLM-backed model is forwarded to its endpoint's /v1; an Ollama-backed one to Ollama's own
   OpenAI-compatible /v1 (openai/openai.go in Ollama v0.12.3), so neither is translated.
 - Ollama: POST /api/chat, /api/generate, /api/embed (Ollama-backed models only: the gateway
@@ -129,6 +131,8 @@ class Gateway:
             ("/v1/chat/completions", "openai"),
             ("/v1/completions", "openai"),
             ("/v1/embeddings", "openai"),
+            ("/v1/images/generations", "openai"),
+            ("/v1/images/edits", "openai"),
         ]
         for path, api in openai:
             app.router.add_post(path, self._forwarder(api, path))
@@ -256,6 +260,14 @@ class Gateway:
             message = (
                 f"{target.key} is served by {target.backend.value}; call it through the "
                 "OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings)"
+            )
+            self.metrics.requests.labels(*labels, path, "400").inc()
+            return self._error(api, 400, message)
+        if (target.backend is Backend.DIFFUSERS) != path.startswith("/v1/images/"):
+            message = (
+                f"{target.key} is a diffusion model: call /v1/images/generations or /edits"
+                if target.backend is Backend.DIFFUSERS
+                else f"{target.key} is served by {target.backend.value}, which makes no images"
             )
             self.metrics.requests.labels(*labels, path, "400").inc()
             return self._error(api, 400, message)

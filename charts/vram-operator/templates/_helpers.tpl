@@ -222,7 +222,7 @@ each sidecar runs as (see volumePermissions in values.yaml). Empty when nothing 
 {{- $targets := list -}}
 {{- $mounts := list -}}
 {{- if .Values.volumePermissions.enabled -}}
-{{- range $sidecar, $volume := dict "ollama" "ollama-models" "vllm" "vllm-cache" -}}
+{{- range $sidecar, $volume := dict "ollama" "ollama-models" "vllm" "vllm-cache" "diffusion" "diffusion-cache" -}}
 {{- $values := index $.Values $sidecar -}}
 {{- $user := int (default 0 $values.securityContext.runAsUser) -}}
 {{- if and $values.enabled (gt $user 0) (has $values.storage.type (list "hostPath" "persistentVolumeClaim")) -}}
