@@ -134,14 +134,24 @@ def test_all_replicas_loaded_is_ready() -> None:
     assert condition(status, "Ready").message == "2/2 replicas loaded"
     assert all(c.observed_generation == 3 for c in status.conditions)
     assert status.placements == [
-        Placement(node="a", gpu_uuid="GPU-a", state=ModelState.LOADED, vram_bytes=5 * GI),
-        Placement(node="b", gpu_uuid="GPU-b", state=ModelState.LOADED, vram_bytes=int(5.5 * GI)),
+        Placement(
+            node="a", gpu_uuid="GPU-a", state=ModelState.LOADED, vram_bytes=5 * GI, tier="GPU"
+        ),
+        Placement(
+            node="b",
+            gpu_uuid="GPU-b",
+            state=ModelState.LOADED,
+            vram_bytes=int(5.5 * GI),
+            tier="GPU",
+        ),
     ]
 
 
 def test_a_replica_the_agent_has_not_reported_is_pending() -> None:
     status = fold(reports={"a": LOADED_A, "b": None})
-    assert status.placements[1] == Placement(node="b", gpu_uuid="GPU-b", state=ModelState.PENDING)
+    assert status.placements[1] == Placement(
+        node="b", gpu_uuid="GPU-b", state=ModelState.PENDING, tier="Disk"
+    )
     assert summary(status)["Loaded"] == ("False", "Loading")
     assert summary(status)["Ready"] == ("False", "Loading")
     assert condition(status, "Loaded").message == "1/2 replicas loaded; loading on b pending"

@@ -96,6 +96,7 @@ def _crd(
     description: str,
     columns: list[JSON],
     spec_required: bool,
+    scale: JSON | None = None,
 ) -> JSON:
     spec_schema = openapi_schema(spec_model)
     status_schema = openapi_schema(status_model, in_status=True)
@@ -132,7 +133,7 @@ def _crd(
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, **({"scale": scale} if scale else {})},
                     "additionalPrinterColumns": columns,
                     "schema": {"openAPIV3Schema": root},
                 }
@@ -141,10 +142,14 @@ def _crd(
     }
 
 
-def _column(name: str, path: str, kind: str = "string", description: str = "") -> JSON:
+def _column(
+    name: str, path: str, kind: str = "string", description: str = "", priority: int = 0
+) -> JSON:
     column: JSON = {"name": name, "type": kind, "jsonPath": path}
     if description:
         column["description"] = description
+    if priority:
+        column["priority"] = priority  # shown by kubectl get -o wide only
     return column
 
 
@@ -161,13 +166,29 @@ def custom_resource_definitions() -> list[JSON]:
             status_model=modeldeployment.ModelDeploymentStatus,
             description=modeldeployment.ModelDeployment.__doc__ or "",
             spec_required=True,
+            # kubectl scale, HPA and KEDA write spec.replicas through this; HPA needs a
+            # selector string in status (autoscaling/v1 Scale.status.selector).
+            scale={
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector",
+            },
             columns=[
                 _column("Backend", ".spec.backend", description="ollama, vllm or diffusers"),
                 _column("Priority", ".spec.priority"),
                 _column("Ready", ".status.ready", description="ready/desired replicas"),
+                _column("Tier", ".status.tiers", description="each replica: GPU, HostRAM or Disk"),
                 _column("VRAM", ".status.vram", description="VRAM per replica"),
                 _column("Status", ready_reason, description="reason of the Ready condition"),
                 _column("Age", ".metadata.creationTimestamp", "date"),
+                _column(
+                    "Desired",
+                    ".status.desiredReplicas",
+                    "integer",
+                    "spec.replicas, or what autoscaling chose",
+                    priority=1,
+                ),
+                _column("Assigned", ".status.replicas", "integer", "replicas placed", priority=1),
             ],
         ),
         _crd(

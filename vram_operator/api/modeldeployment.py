@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from typing import Annotated, Any, Literal, Self
@@ -151,6 +152,46 @@ class Toleration(CamelModel):
     """The taint effect to match; empty matches every effect."""
 
 
+class Autoscaling(CamelModel):
+    """Replicas that follow the requests the gateway sees, between minReplicas and maxReplicas.
+
+    The operator keeps its choice in status.desiredReplicas and places that many; spec.replicas
+    is left as written and not used while this is set (see `vram_operator.operator.autoscaling`
+    for why), so do not point an HPA or KEDA at a model that has it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: Annotated[int, Strict(), Field(ge=0, le=64)] = 1
+    """The fewest replicas kept. 0: unloaded once idle for scaleDownDelay; the next request
+    waits at the gateway while one is placed and loaded."""
+
+    max_replicas: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
+    """The most replicas demand may ask for."""
+
+    target_in_flight: Annotated[int, Strict(), Field(ge=1, le=100000)] = 4
+    """Requests running or waiting per replica that the operator aims for: demand
+    ceil((inFlight + waiting) / targetInFlight) replicas."""
+
+    scale_down_delay: Duration = "5m"
+    """How long demand must stay lower before replicas are withdrawn (the largest count asked
+    for within this window is kept, as an HPA's stabilization window), and how long after its
+    last request a model scales to zero."""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise SpecError(
+                "spec.autoscaling.minReplicas",
+                f"{self.min_replicas} is above maxReplicas ({self.max_replicas})",
+            )
+        return self
+
+    @property
+    def scale_down_delay_seconds(self) -> float:
+        return parse_duration(self.scale_down_delay)
+
+
 class ModelDeploymentSpec(CamelModel):
     """A model to keep resident in GPU memory on `replicas` nodes."""
 
@@ -168,7 +209,12 @@ class ModelDeploymentSpec(CamelModel):
     lower ones when memory runs out."""
 
     replicas: Annotated[int, Strict(), Field(ge=0, le=64)] = 1
-    """How many GPUs, on distinct nodes, keep the model loaded. 0 keeps the object but unloads."""
+    """How many GPUs, on distinct nodes, keep the model loaded. 0 keeps the object but unloads.
+    The scale subresource's spec.replicas (kubectl scale, HPA, KEDA); not used while
+    `autoscaling` is set."""
+
+    autoscaling: Autoscaling | None = None
+    """Let the gateway's demand set the replica count (optional)."""
 
     vram: Quantity | None = None
     """GPU memory the model needs (6Gi, 6.5Gi, 500M). When absent it is estimated from the
@@ -270,6 +316,10 @@ def _check_model_ref(backend: Backend, model: str) -> None:
         )
 
 
+Tier = Literal["GPU", "HostRAM", "Disk"]
+"""Where a replica's weights are: the residency tiers."""
+
+
 class Placement(CamelModel):
     """One replica: where it is and how it is doing."""
 
@@ -291,6 +341,10 @@ class Placement(CamelModel):
     last_error: str | None = None
     """The backend's message from the last failure."""
 
+    tier: Tier | None = None
+    """Where the replica is: on the GPU (loading, loaded, unloading), parked in host RAM
+    (Sleeping), or on disk only (pending, evicted, failed)."""
+
 
 class ModelDeploymentStatus(CamelModel):
     """Written only by the operator."""
@@ -304,8 +358,24 @@ class ModelDeploymentStatus(CamelModel):
     ready_replicas: Annotated[int, Field(ge=0)] = 0
     """Replicas loaded and serving."""
 
+    replicas: Annotated[int, Field(ge=0)] | None = None
+    """Replicas assigned to nodes now: the scale subresource's status.replicas."""
+
+    desired_replicas: Annotated[int, Field(ge=0)] | None = None
+    """The replicas placement works towards: spec.replicas, or what autoscaling chose."""
+
+    selector: str | None = None
+    """A label selector naming this deployment, for the scale subresource (HPA requires one;
+    no Pod carries it, so scale on object or external metrics)."""
+
+    last_scale_time: dt.datetime | None = None
+    """When autoscaling last changed desiredReplicas."""
+
     ready: str | None = None
-    """readyReplicas/replicas, for kubectl get."""
+    """readyReplicas/desiredReplicas, for kubectl get."""
+
+    tiers: str | None = None
+    """Each replica's tier (GPU, HostRAM, Disk), for kubectl get."""
 
     vram: str | None = None
     """The VRAM one replica needs (requested or estimated), for kubectl get."""

@@ -17,28 +17,15 @@ Pure bookkeeping, no I/O; the clock is passed in.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Any
+
+from vram_operator.api.demand import DEMAND_SCHEMA, ModelDemand, snapshot
 
 from .routing import Target
 
-DEMAND_SCHEMA = "vram.dev/gateway-demand/v1"
-"""Identifies the JSON `snapshot` returns, so a reader can refuse a shape it does not know."""
-
-
-@dataclass
-class ModelDemand:
-    """One deployment's figures at this gateway replica."""
-
-    namespace: str
-    name: str
-    backend: str
-    model: str
-    requests: int = 0
-    in_flight: int = 0
-    waiting: int = 0
-    cold_waits: int = 0
-    last_request: dt.datetime | None = None
+__all__ = ["DEMAND_SCHEMA", "DemandLedger", "ModelDemand"]
+"""`ModelDemand` and the snapshot's shape live in `vram_operator.api.demand`, where the operator
+reads them too."""
 
 
 class DemandLedger:
@@ -79,27 +66,4 @@ class DemandLedger:
 
     def snapshot(self, gateway: str, now: dt.datetime) -> dict[str, Any]:
         """What GET /demand answers."""
-        return {
-            "schema": DEMAND_SCHEMA,
-            "gateway": gateway,
-            "time": _iso(now),
-            "models": [
-                {
-                    "namespace": m.namespace,
-                    "name": m.name,
-                    "key": f"{m.namespace}.{m.name}",
-                    "backend": m.backend,
-                    "model": m.model,
-                    "requests": m.requests,
-                    "inFlight": m.in_flight,
-                    "waiting": m.waiting,
-                    "coldWaits": m.cold_waits,
-                    "lastRequestTime": _iso(m.last_request) if m.last_request else None,
-                }
-                for _, m in sorted(self._models.items())
-            ],
-        }
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+        return snapshot(gateway, now, self._models.values())

@@ -78,7 +78,7 @@ class Target:
     """spec.model."""
     backend: Backend
     replicas: int
-    """spec.replicas."""
+    """spec.replicas, or spec.autoscaling.maxReplicas (0 only when it is switched off)."""
     ready: tuple[Replica, ...] = ()
     states: tuple[ReplicaState, ...] = ()
     created: dt.datetime | None = None
@@ -162,7 +162,8 @@ def build_targets(
             name=name,
             model=spec.model,
             backend=spec.backend,
-            replicas=spec.replicas,
+            # Autoscaled: at zero it is asleep, not off; a request waits while it comes back.
+            replicas=spec.autoscaling.max_replicas if spec.autoscaling else spec.replicas,
             ready=tuple(sorted(ready, key=lambda r: r.node)),
             states=tuple(sorted(states, key=lambda s: s.node)),
             created=_timestamp(created),

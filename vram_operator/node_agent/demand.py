@@ -11,7 +11,8 @@ the later of the backend's own guess (Ollama's moving expires_at, vLLM's counter
 gateway's last request for it: the agent's eviction then sees real traffic, with no change to
 the agent itself. A gateway that cannot be read leaves the backends' own times in place.
 
-This module imports nothing of the gateway: the JSON shape (`schema` below) is the contract.
+This module imports nothing of the gateway: the JSON shape (`vram_operator.api.demand`, which
+the gateway writes with) is the contract.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from vram_operator.api import Backend, BackendHealth
+from vram_operator.api.demand import DEMAND_SCHEMA
 
 from .backends.base import LoadRequest, ModelBackend, ProgressCallback, ResidentInfo
 from .backends.ollama_names import normalize_model_name
@@ -36,8 +38,8 @@ from .estimate import Estimate
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "vram.dev/gateway-demand/v1"
-"""The /demand shape this reader understands."""
+SCHEMA = DEMAND_SCHEMA
+"""The /demand shape this reader understands (`vram_operator.api.demand`)."""
 
 Resolver = Callable[[str, int], Sequence[str]]
 

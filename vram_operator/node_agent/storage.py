@@ -33,6 +33,8 @@ class GPUNodeStore:
     def __init__(self, api_client: client.ApiClient, node: str) -> None:
         self._api = client.CustomObjectsApi(api_client)
         self.node = node
+        self._last: dict[str, Any] | None = None
+        """The newest GPUNode seen (a write's answer or a watch event), to write on top of."""
 
     def get(self) -> GPUNode | None:
         try:
@@ -82,16 +84,24 @@ class GPUNodeStore:
         raise StoreError(f"the status of GPUNode {self.node} kept conflicting")
 
     def _replace_status(self, body_status: dict[str, Any]) -> bool:
-        """One read-modify-write of the status; False when it must be tried again."""
+        """One read-modify-write of the status; False when it must be tried again.
+
+        The read is skipped when the object our last write returned is at hand: most reports
+        follow a report, and a spec the operator changed meanwhile answers 409, which reads.
+        """
         try:
-            current = self._api.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.node)
+            current = self._last or self._api.get_cluster_custom_object(
+                GROUP, VERSION, PLURAL, self.node
+            )
             if not isinstance(current, dict):
                 raise TypeError(f"GPUNode {self.node} read back as {type(current).__name__}")
             current["status"] = body_status
-            self._api.replace_cluster_custom_object_status(
+            written = self._api.replace_cluster_custom_object_status(
                 GROUP, VERSION, PLURAL, self.node, current
             )
+            self._last = written if isinstance(written, dict) else None
         except ApiException as exc:
+            self._last = None
             if exc.status == 409:
                 log.debug("status conflict on %s, retrying", self.node)
                 return False
@@ -128,6 +138,7 @@ class GPUNodeStore:
                         resource_version = None
                         break
                     resource_version = obj["metadata"]["resourceVersion"]
+                    self._last = None if event["type"] == "DELETED" else obj
                     on_change(None if event["type"] == "DELETED" else GPUNode.model_validate(obj))
             except ApiException as exc:
                 if exc.status == 410:

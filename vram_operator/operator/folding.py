@@ -25,6 +25,7 @@ from vram_operator.api import (
     format_bytes,
     set_condition,
 )
+from vram_operator.api.modeldeployment import Tier
 from vram_operator.api.modelpolicy import PolicyError
 
 SCHEDULED = "Scheduled"
@@ -51,6 +52,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     POLICY_VIOLATION = "PolicyViolation"
     SCALED_TO_ZERO = "ScaledToZero"
+    SWAPPED_OUT = "SwappedOut"
     READY = "Ready"
     DELETING = "Deleting"
 
@@ -86,6 +88,8 @@ def fold_status(
     pending_message: str | None,
     previous: ModelDeploymentStatus | None,
     now: dt.datetime,
+    scale: Scale | None = None,
+    name: str = "",
 ) -> ModelDeploymentStatus:
     """The status for one ModelDeployment.
 
@@ -95,7 +99,9 @@ def fold_status(
     A replica counts as ready only when Loaded: a Sleeping one is parked in host RAM and must be
     woken before it serves, so it is not. An invalid spec (`spec_error`, or no spec) yields
     InvalidSpec on every condition and no new placements; a spec a ModelPolicy refuses (a
-    PolicyError) the same with PolicyViolation.
+    PolicyError) the same with PolicyViolation. `scale` is the count placement worked towards
+    when it is not spec.replicas (autoscaling, or idle past keepAlive) and why; `name` the
+    object's, for the scale subresource's selector.
     """
     conditions = list(previous.conditions) if previous is not None else []
 
@@ -131,15 +137,20 @@ def fold_status(
             observed_generation=generation,
             conditions=conditions,
             ready_replicas=sum(p.state is ModelState.LOADED for p in kept),
+            replicas=len(kept),
+            selector=previous.selector if previous is not None else None,
             placements=kept,
+            tiers=_tiers(kept),
         )
 
     nodes = sorted(assigned_nodes)
     mine = {node: reports.get(node) for node in nodes}
     placements = [_placement(node, assigned_nodes[node], mine[node]) for node in nodes]
     ready = sum(p.state is ModelState.LOADED for p in placements)
-    scheduled = _scheduled(spec.replicas, nodes, pending_reason, pending_message)
-    loaded = _loaded(spec.replicas, ready, placements, mine, scheduled)
+    desired = spec.replicas if scale is None else scale.desired
+    zero = scale.why if scale is not None and scale.why else "0 replicas requested"
+    scheduled = _scheduled(desired, nodes, pending_reason, pending_message, zero)
+    loaded = _loaded(desired, ready, placements, mine, scheduled, zero)
     record(SCHEDULED, scheduled)
     record(LOADED, loaded)
     record(READY, _ready(scheduled, loaded))
@@ -148,11 +159,16 @@ def fold_status(
         observed_generation=generation,
         conditions=conditions,
         ready_replicas=ready,
-        ready=f"{ready}/{spec.replicas}",
+        replicas=len(nodes),
+        desired_replicas=desired,
+        selector=scale_selector(name) if name else None,
+        last_scale_time=None if scale is None else scale.changed_at,
+        ready=f"{ready}/{desired}",
         vram=None if vram_bytes is None else format_bytes(vram_bytes),
         vram_bytes=vram_bytes,
         vram_source=vram_source,
         placements=placements,
+        tiers=_tiers(placements),
     )
 
 
@@ -201,9 +217,45 @@ def fold_deleting(
     )
 
 
+@dataclass(frozen=True)
+class Scale:
+    """The replica count placement works towards when it is not spec.replicas, and why."""
+
+    desired: int
+    why: str = ""
+    changed_at: dt.datetime | None = None
+
+
+SELECTOR_LABEL = "vram.dev/model-deployment"
+
+
+def scale_selector(name: str) -> str:
+    """status.selector: the label selector the scale subresource reports (HPA requires one)."""
+    return f"{SELECTOR_LABEL}={name}"
+
+
+TIERS: dict[ModelState, Tier] = {
+    ModelState.LOADING: "GPU",
+    ModelState.LOADED: "GPU",
+    ModelState.UNLOADING: "GPU",
+    ModelState.SLEEPING: "HostRAM",
+}
+"""Where a replica's weights are, by its state; any other state: on disk only."""
+
+
+def tier(state: ModelState) -> Tier:
+    return TIERS.get(state, "Disk")
+
+
+def _tiers(placements: Iterable[Placement]) -> str | None:
+    return ",".join(p.tier or tier(p.state) for p in placements) or None
+
+
 def _placement(node: str, assignment: Assignment, report: ResidentModel | None) -> Placement:
     if report is None:
-        return Placement(node=node, gpu_uuid=assignment.gpu_uuid, state=ModelState.PENDING)
+        return Placement(
+            node=node, gpu_uuid=assignment.gpu_uuid, state=ModelState.PENDING, tier="Disk"
+        )
     return Placement(
         node=node,
         gpu_uuid=report.gpu_uuid or assignment.gpu_uuid,
@@ -211,14 +263,19 @@ def _placement(node: str, assignment: Assignment, report: ResidentModel | None) 
         vram_bytes=report.vram_bytes,
         progress=report.progress,
         last_error=report.message if report.state is ModelState.FAILED else None,
+        tier=tier(report.state),
     )
 
 
 def _scheduled(
-    replicas: int, nodes: list[str], pending_reason: str | None, pending_message: str | None
+    replicas: int,
+    nodes: list[str],
+    pending_reason: str | None,
+    pending_message: str | None,
+    zero: str = "0 replicas requested",
 ) -> _Verdict:
     if replicas == 0:
-        return _Verdict(True, Reason.SCALED_TO_ZERO, "0 replicas requested")
+        return _Verdict(True, Reason.SCALED_TO_ZERO, zero)
     if len(nodes) >= replicas:
         where = ", ".join(nodes)
         return _Verdict(True, Reason.SCHEDULED, f"{len(nodes)}/{replicas} assigned: {where}")
@@ -235,10 +292,11 @@ def _loaded(
     placements: list[Placement],
     reports: Mapping[str, ResidentModel | None],
     scheduled: _Verdict,
+    zero: str = "0 replicas requested",
 ) -> _Verdict:
     """Loaded, or the most telling reason it is not: a failure, an eviction, progress, sleep."""
     if replicas == 0:
-        return _Verdict(True, Reason.SCALED_TO_ZERO, "0 replicas requested")
+        return _Verdict(True, Reason.SCALED_TO_ZERO, zero)
     count = f"{ready}/{replicas} replicas loaded"
     if ready >= replicas:
         return _Verdict(True, Reason.LOADED, count)
@@ -323,7 +381,8 @@ def events_between(
 
     Per replica: placed, loaded (or woken), parked, evicted, failed (again when the error
     changes) and withdrawn. Per model: a Scheduled condition that turns False or changes its
-    reason (a Warning, as FailedScheduling is), and Ready turning True.
+    reason (a Warning, as FailedScheduling is: SwappedOut among them), Ready turning True, and
+    the desired replica count changing (Scaled).
     """
     events: list[Event] = []
     before = {p.node: p for p in previous.placements} if previous is not None else {}
@@ -339,6 +398,13 @@ def events_between(
         event = _state_event(node, old, new)
         if event is not None:
             events.append(event)
+    was = previous.desired_replicas if previous is not None else None
+    if was is not None and current.desired_replicas is not None and was != current.desired_replicas:
+        verb = "up" if current.desired_replicas > was else "down"
+        why = _condition(current, SCHEDULED)
+        detail = f": {why.message}" if why is not None and current.desired_replicas == 0 else ""
+        message = f"scaled {verb} from {was} to {current.desired_replicas} replicas{detail}"
+        events.append(Event("Normal", "Scaled", _clip(message)))
     scheduled_was, scheduled = _condition(previous, SCHEDULED), _condition(current, SCHEDULED)
     if scheduled is not None and scheduled.status == "False" and _changed(scheduled_was, scheduled):
         events.append(Event("Warning", scheduled.reason, scheduled.message))

@@ -17,6 +17,7 @@ from vram_operator.api import parse_bytes
 from vram_operator.kubeconfig import api_client
 from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
 
+from .demand import DemandReader
 from .handlers import registry
 from .leader import LeaderElector
 from .metrics import OperatorMetrics
@@ -61,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=OperatorConfig.workers,
         help="ModelDeployments reconciled at once (never one object twice at once)",
     )
+    parser.add_argument(
+        "--gateway-demand-url",
+        default=None,
+        help="the gateway's /demand (a headless Service: every replica is read); enables "
+        "spec.autoscaling, wake on request and demand-aware placement",
+    )
+    parser.add_argument(
+        "--demand-interval",
+        type=float,
+        default=OperatorConfig.demand_interval,
+        help="seconds between reads of the gateways' demand",
+    )
+    parser.add_argument(
+        "--min-residency",
+        type=float,
+        default=PlacementConfig.min_residency_seconds,
+        help="seconds a model used that recently is never swapped out for another's demand",
+    )
     add_metrics_arguments(parser, port=9300)
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -88,12 +107,15 @@ async def _run(args: argparse.Namespace) -> int:
                 max_temperature_celsius=args.max_temperature,
                 heartbeat_grace_seconds=args.heartbeat_grace,
                 allow_preemption=not args.no_preemption,
+                min_residency_seconds=args.min_residency,
             ),
             default_vram_bytes=parse_bytes(args.default_vram),
             gpu_reserve_bytes=parse_bytes(args.gpu_reserve),
             workers=max(1, args.workers),
+            demand_interval=args.demand_interval,
         )
-        service = OperatorService(ClusterStore(client), config, metrics)
+        demand = DemandReader(args.gateway_demand_url) if args.gateway_demand_url else None
+        service = OperatorService(ClusterStore(client), config, metrics, demand=demand)
         await service.start()
         stopping = asyncio.Event()
         # No stop_flag for kopf: it stops itself on SIGTERM and SIGINT (it takes those signals
@@ -109,6 +131,8 @@ async def _run(args: argparse.Namespace) -> int:
         )
         workers = [asyncio.create_task(service.work(stopping)) for _ in range(config.workers)]
         workers.append(asyncio.create_task(service.watch_heartbeats(stopping)))
+        if demand is not None:  # a task that ends would end the operator (FIRST_COMPLETED)
+            workers.append(asyncio.create_task(service.watch_demand(stopping)))
         tasks = [handlers, *workers, asyncio.create_task(elector.keep(stopping))]
         lost = asyncio.create_task(elector.lost.wait())
         halted = asyncio.create_task(stop.wait())

@@ -58,6 +58,9 @@ class PendingReason(StrEnum):
     INSUFFICIENT_VRAM = "InsufficientVRAM"
     NO_MATCHING_NODES = "NoMatchingNodes"
     PREEMPTED = "Preempted"
+    SWAPPED_OUT = "SwappedOut"
+    """Displaced by a model that requests were waiting for (demand-aware placement); it comes
+    back on its own next request."""
 
 
 class Taint(NamedTuple):
@@ -226,6 +229,9 @@ class PlacementRequest:
     """Nodes whose GPUNode already holds an assignment for it."""
     avoid: Mapping[str, str] = field(default_factory=dict)
     """Nodes not to place a new replica on, with why: it just failed to load there."""
+    demanded: bool = False
+    """Requests wait for it at the gateway and it has no resident replica: it may take the
+    place of the coldest settled model of its own priority or lower (see `_displaceable`)."""
 
     def footprint(self, gpu: GPU) -> int:
         """What one replica holds on `gpu`, by the accounting rule the agent loads by."""
@@ -246,15 +252,19 @@ class PlacementRequest:
         vram_bytes: int,
         existing: Iterable[str] = (),
         avoid: Mapping[str, str] | None = None,
+        replicas: int | None = None,
+        demanded: bool = False,
     ) -> PlacementRequest:
-        """From a validated spec; `vram_bytes` is spec.vram or the estimate when it is absent."""
+        """From a validated spec; `vram_bytes` is spec.vram or the estimate when it is absent,
+        `replicas` the count to place when it is not spec.replicas (autoscaling)."""
         return cls(
             key=key,
             vram_bytes=vram_bytes,
             backend=spec.backend,
             avoid=dict(avoid or {}),
             priority=spec.priority,
-            replicas=spec.replicas,
+            replicas=spec.replicas if replicas is None else replicas,
+            demanded=demanded,
             node_selector=dict(spec.node_selector),
             tolerations=tuple(spec.tolerations),
             existing=frozenset(existing),
@@ -271,6 +281,9 @@ class PlacementConfig:
     max_temperature_celsius: int = 85
     heartbeat_grace_seconds: float = 60.0
     allow_preemption: bool = True
+    min_residency_seconds: float = 60.0
+    """A model used (requested, accessed or loaded) more recently than this is never swapped
+    out for demand: no thrashing between models that are all in use."""
 
 
 @dataclass(frozen=True)
@@ -357,11 +370,41 @@ class _Option(NamedTuple):
     victims: tuple[str, ...]
 
 
-def _displaceable(budget: GPUBudget, request: PlacementRequest) -> list[tuple[str, Hold]]:
-    """Holds the request may displace: strictly lower priority, never critical, least first.
+def _displaceable(
+    budget: GPUBudget,
+    request: PlacementRequest,
+    recency: Mapping[str, dt.datetime] | None = None,
+    now: dt.datetime | None = None,
+    min_residency: float = 0.0,
+) -> list[tuple[str, Hold]]:
+    """Holds the request may displace, least first; never critical.
 
-    Lowest priority first, then largest first (fewer victims), then by key for determinism.
+    Preemption: strictly lower priorities, lowest first, then largest first (fewer victims),
+    then by key for determinism. Demand (`request.demanded`): its own priority or lower, each
+    settled (last used, by `recency`, at least `min_residency` seconds before `now`; a key with
+    no recency is cold), lowest priority first, then the coldest (least recently used) first.
     """
+    if request.demanded and now is not None:
+        used = recency or {}
+        settled_before = now - dt.timedelta(seconds=min_residency)
+        cold = [
+            (key, hold)
+            for key, hold in budget.holds.items()
+            if key != request.key
+            and hold.priority.evictable
+            and hold.priority.rank <= request.priority.rank
+            and (key not in used or used[key] <= settled_before)
+        ]
+        epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+        return sorted(
+            cold,
+            key=lambda item: (
+                item[1].priority.rank,
+                used.get(item[0], epoch),
+                -item[1].vram_bytes,
+                item[0],
+            ),
+        )
     return sorted(
         (
             (key, hold)
@@ -452,12 +495,15 @@ def _pick(
     taken: set[str],
     config: PlacementConfig,
     now: dt.datetime,
+    recency: Mapping[str, dt.datetime] | None = None,
 ) -> _Option | _Tally:
     """The best GPU for one more replica on a node not in `taken`, or why there is none."""
     tally = _Tally()
     fits: list[_Option] = []
     displacing: list[_Option] = []
-    may_preempt = config.allow_preemption and request.priority.rank >= Priority.HIGH.rank
+    may_preempt = config.allow_preemption and (
+        request.priority.rank >= Priority.HIGH.rank or request.demanded
+    )
     for view in nodes:
         problem = "already held a replica" if view.name in taken else None
         if problem is None and view.name in request.avoid:
@@ -480,7 +526,7 @@ def _pick(
             tally.largest_free = max(tally.largest_free, free)
             if not may_preempt:
                 continue
-            candidates = _displaceable(budget, request)
+            candidates = _displaceable(budget, request, recency, now, config.min_residency_seconds)
             reclaimable = free + sum(hold.vram_bytes for _, hold in candidates)
             tally.largest_reclaimable = max(tally.largest_reclaimable, reclaimable)
             found = _victims(free, candidates, need)
@@ -505,6 +551,7 @@ def place(
     config: PlacementConfig,
     now: dt.datetime,
     reserved: Mapping[str, Mapping[str, Hold]] | None = None,
+    recency: Mapping[str, dt.datetime] | None = None,
 ) -> PlacementDecision:
     """Decide which replicas to keep, add and withdraw.
 
@@ -517,6 +564,8 @@ def place(
     `spread`); when none fits and the request is high or critical, to the GPU where displacing
     strictly lower, never critical, priorities costs least (lowest victim priority, then fewest
     victims, then fewest bytes). `reserved` is the ledger of `Reservations`, GPU UUID to holds.
+    A `demanded` request (requests wait for it) may also displace settled models of its own
+    priority, the coldest by `recency` (key to last use) first: demand-aware placement when full.
     """
     views = sorted(nodes, key=lambda v: v.name)
     by_name = {v.name: v for v in views}
@@ -547,7 +596,7 @@ def place(
     taken = set(keep)
     tally: _Tally | None = None
     for _ in range(request.replicas - len(keep)):
-        pick = _pick(request, views, budgets, taken, config, now)
+        pick = _pick(request, views, budgets, taken, config, now, recency)
         if isinstance(pick, _Tally):
             tally = pick
             break
@@ -649,12 +698,13 @@ class Reservations:
         nodes: Iterable[NodeView],
         config: PlacementConfig,
         now: dt.datetime,
+        recency: Mapping[str, dt.datetime] | None = None,
     ) -> PlacementDecision:
         """`place` against the ledger, and record its outcome, as one atomic step."""
         nodes = list(nodes)
         gpus = {g.uuid: g for view in nodes for g in view.gpus}
         with self._lock:
-            decision = place(request, nodes, config, now, reserved=self._ledger)
+            decision = place(request, nodes, config, now, reserved=self._ledger, recency=recency)
             for victim in decision.preempted:
                 self._release(victim.key, victim.node)
             for node in decision.remove:

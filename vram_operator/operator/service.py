@@ -11,6 +11,14 @@ Status follows residency at once: a reconcile that withdraws or displaces replic
 models queues those models ahead of all other work, a GPUNode report re-queues only the models
 whose reported state changed, and a node whose heartbeat is older than the grace period is
 marked Ready=Unknown (HeartbeatLost) and loses all its assignments in one write.
+
+Demand (with `--gateway-demand-url`): a loop reads every gateway replica's /demand each
+`demand_interval` and acts on the figures in memory, so traffic costs no API write of its own:
+autoscaled models get their count from `autoscaling.next_scale` (queued only when it changes);
+a model requests wait for, with no ready replica, is queued and placed as `demanded` (it may
+swap out the coldest settled model of its priority or lower, which then reports SwappedOut); a
+replica the agent unloaded for idleness (keepAlive) is withdrawn and counted idle until the
+next request, which brings it back instead of leaving it Evicted.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ from vram_operator.api import (
     set_condition,
 )
 from vram_operator.api.budget import reserve_bytes
+from vram_operator.api.demand import ModelDemand
+from vram_operator.api.modeldeployment import Autoscaling
 from vram_operator.api.modelpolicy import (
     ModelPolicy,
     ModelPolicyStatus,
@@ -59,7 +69,9 @@ from vram_operator.api.modelpolicy import (
 from vram_operator.api.quantity import format_bytes, parse_positive_bytes
 
 from .assignment_writer import AssignmentWriter
-from .folding import Reason, events_between, fold_deleting, fold_status
+from .autoscaling import ScaleState, next_scale
+from .demand import DemandReader
+from .folding import Reason, Scale, events_between, fold_deleting, fold_status
 from .metrics import OperatorMetrics
 from .placement import (
     NodeView,
@@ -97,6 +109,8 @@ class OperatorConfig:
     """Reconciles running at once (different objects; one object is never run twice at once)."""
     avoid_seconds: float = 30.0
     """How long a node that could not load a replica is not offered that model again."""
+    demand_interval: float = 2.0
+    """Seconds between reads of the gateways' /demand (with a demand source)."""
 
 
 @dataclass
@@ -114,8 +128,10 @@ class OperatorService:
         config: OperatorConfig,
         metrics: OperatorMetrics,
         clock: Callable[[], dt.datetime] = now,
+        demand: DemandReader | None = None,
     ) -> None:
         self.store = store
+        self.demand = demand
         self.config = config
         self.metrics = metrics
         self.clock = clock
@@ -127,7 +143,16 @@ class OperatorService:
         self._assigned: dict[str, dict[str, Assignment]] = defaultdict(dict)
         self._names: dict[str, Key] = {}
         self._pending: dict[Key, str] = {}
-        self._preempted: dict[str, str] = {}
+        self._preempted: dict[str, tuple[str, str]] = {}
+        """Keys that lost a replica to another model: the reason (Preempted or SwappedOut)
+        and what took the room."""
+        self._figures: dict[str, ModelDemand] = {}
+        """The gateways' demand per key, summed over replicas, from the last read that worked."""
+        self._autoscaled: dict[str, Autoscaling] = {}
+        self._scale: dict[str, ScaleState] = {}
+        self._idle: dict[str, dict[str, dt.datetime]] = defaultdict(dict)
+        """Keys to the nodes whose replica was unloaded for idleness (keepAlive) and withdrawn,
+        and when; the next request brings them back."""
         self._avoid: dict[str, dict[str, tuple[float, str]]] = defaultdict(dict)
         self._stale: set[str] = set()
         self._place_lock = asyncio.Lock()
@@ -325,6 +350,57 @@ class OperatorService:
                 async with asyncio.timeout(self.config.stale_check_seconds):
                     await stop.wait()
 
+    async def watch_demand(self, stop: asyncio.Event) -> None:
+        """Read the gateways' demand every `demand_interval` and act on it (see the module
+        docstring); returns at once without a demand source."""
+        if self.demand is None:
+            return
+        try:
+            while not stop.is_set():
+                try:
+                    await self.apply_demand(await self.demand.read())
+                except Exception:
+                    log.exception("reading gateway demand failed; trying again")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.demand_interval):
+                        await stop.wait()
+        finally:
+            await self.demand.aclose()
+
+    async def apply_demand(self, figures: dict[str, ModelDemand] | None) -> None:
+        """One read's figures (None: no gateway answered): rescale, wake idle models, and
+        queue those requests wait for."""
+        known = figures is not None
+        if figures is not None:
+            self._figures = figures
+        moment = self.clock()
+        for key, policy in list(self._autoscaled.items()):
+            state = self._scale.get(key)
+            if state is None:
+                continue
+            entry = self._figures.get(key) if known else None
+            new = next_scale(policy, state, entry, known, moment)
+            self._scale[key] = new
+            if new.desired != state.desired:
+                if state.desired == 0:
+                    self.metrics.wake_requests.labels("zero").inc()
+                log.info("autoscaling %s: %d -> %d (%s)", key, state.desired, new.desired, new.why)
+                self._mark_key(key, urgent=True)
+        if not known:
+            return
+        for key, entry in self._figures.items():
+            idle = self._idle.get(key)
+            if idle and (
+                entry.busy > 0
+                or (entry.last_request is not None and entry.last_request > min(idle.values()))
+            ):
+                log.info("%s was idle past keepAlive and is asked for again", key)
+                self._idle.pop(key, None)
+                self.metrics.wake_requests.labels("idle").inc()
+                self._mark_key(key, urgent=True)
+            elif entry.waiting > 0 and self._names.get(key) in self._pending:
+                self._mark_key(key)
+
     async def _guarded(self, namespace: str, name: str) -> None:
         started = time.monotonic()
         try:
@@ -463,8 +539,11 @@ class OperatorService:
             error, reason = refused, Reason.POLICY_VIOLATION  # the same, for a policy
             self._demand.pop(key, None)
         message: str | None = None
+        scale: Scale | None = None
         if error is None and spec is not None:
-            reason, message = await self._place(key, body, spec)
+            wanted = self._wanted(key, spec, previous)
+            reason, message = await self._place(key, body, spec, wanted.desired)
+            scale = self._with_idle(key, spec, wanted)  # placing may have found it idle
         if reason is None:
             self._pending.pop((namespace, name), None)
             self._preempted.pop(key, None)
@@ -481,8 +560,67 @@ class OperatorService:
             pending_message=message,
             previous=previous,
             now=self.clock(),
+            scale=scale,
+            name=name,
         )
+        self._count_starts(namespace, name, previous, status, assigned)
         await self._publish(body, previous, status)
+
+    def _wanted(
+        self, key: str, spec: ModelDeploymentSpec, previous: ModelDeploymentStatus | None
+    ) -> Scale:
+        """The count asked for: spec.replicas, or autoscaling's (seeded, after a restart, from
+        status.desiredReplicas)."""
+        if spec.autoscaling is None:
+            self._autoscaled.pop(key, None)
+            self._scale.pop(key, None)
+            return Scale(spec.replicas)
+        state = self._scale.get(key)
+        if state is None or self._autoscaled.get(key) != spec.autoscaling:
+            was = previous.desired_replicas if previous is not None else None
+            held = state.desired if state is not None else was
+            state = ScaleState.initial(spec.autoscaling, self.clock(), held)
+            self._scale[key] = state
+        self._autoscaled[key] = spec.autoscaling
+        why = state.why
+        if self.demand is None:
+            why = "no --gateway-demand-url: autoscaling holds its first count"
+        return Scale(state.desired, why, state.changed_at)
+
+    def _with_idle(self, key: str, spec: ModelDeploymentSpec, wanted: Scale) -> Scale | None:
+        """What status reports: the count asked for less replicas idle past keepAlive; None
+        when that is plain spec.replicas."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None if spec.autoscaling is None else wanted
+        where = ", ".join(sorted(idle))
+        why = f"idle past keepAlive (withdrawn from {where}); the next request brings it back"
+        return Scale(max(0, wanted.desired - len(idle)), why, wanted.changed_at)
+
+    def _count_starts(
+        self,
+        namespace: str,
+        name: str,
+        previous: ModelDeploymentStatus | None,
+        status: ModelDeploymentStatus,
+        assigned: dict[str, Assignment],
+    ) -> None:
+        """Cold starts (and their load time) and wake-ups from host RAM, as replicas turn
+        Loaded."""
+        before = {p.node: p.state for p in previous.placements} if previous is not None else {}
+        key = assignment_key(namespace, name)
+        for placement in status.placements:
+            was = before.get(placement.node)
+            if placement.state is not ModelState.LOADED or was is ModelState.LOADED:
+                continue
+            if was is ModelState.SLEEPING:
+                self.metrics.wake_ups.labels(namespace, name).inc()
+                continue
+            self.metrics.cold_starts.labels(namespace, name).inc()
+            report = self._fresh_report(placement.node, key)
+            backend = assigned[placement.node].backend if placement.node in assigned else None
+            if report is not None and report.load_seconds is not None and backend is not None:
+                self.metrics.cold_start_seconds.labels(backend.value).observe(report.load_seconds)
 
     def _admit(self, key: str, namespace: str, spec: ModelDeploymentSpec) -> None:
         """Check `spec` against every policy selecting its namespace and the namespace's quota,
@@ -542,9 +680,9 @@ class OperatorService:
                 self._policy_status[name] = status
 
     async def _place(
-        self, key: str, body: dict[str, Any], spec: ModelDeploymentSpec
+        self, key: str, body: dict[str, Any], spec: ModelDeploymentSpec, replicas: int
     ) -> tuple[str | None, str | None]:
-        """Decide and write the assignments; return why replicas are missing."""
+        """Decide and write `replicas` assignments; return why replicas are missing."""
         changes: dict[str, dict[str, Assignment | None]] = defaultdict(dict)
         async with self._place_lock:
             self._release_unloadable(key, changes)
@@ -564,15 +702,26 @@ class OperatorService:
                 vram_bytes=self._vram_bytes(key, spec),
                 existing=self._assigned.get(key, {}).keys(),
                 avoid={node: why for node, (_, why) in self._avoid.get(key, {}).items()},
+                # Less any replica just found idle past keepAlive: it is not placed again.
+                replicas=max(0, replicas - len(self._idle.get(key, {}))),
+                demanded=self._waited_for(key),
             )
             decision = self.reservations.place_and_reserve(
-                request, views, self.config.placement, self.clock()
+                request, views, self.config.placement, self.clock(), self._recency()
             )
             displaced = []
             for victim in decision.preempted:
                 self._unassign(victim.key, victim.node, changes[victim.node])
                 by = name_in(key, victim.key.partition(".")[0])
-                self._preempted[victim.key] = f"displaced from {victim.node} by {by}"
+                if request.demanded:
+                    why = f"swapped out of {victim.node} for {by}, which requests were waiting for"
+                    self._preempted[victim.key] = (PendingReason.SWAPPED_OUT.value, why)
+                    self.metrics.swap_outs.labels("demand").inc()
+                    log.info("swapping %s out of %s for %s", victim.key, victim.node, key)
+                else:
+                    why = f"displaced from {victim.node} by {by}"
+                    self._preempted[victim.key] = (PendingReason.PREEMPTED.value, why)
+                    self.metrics.swap_outs.labels("priority").inc()
                 self.metrics.placements.labels("preempted").inc()
                 displaced.append(victim.key)
             for node in decision.remove:
@@ -599,8 +748,8 @@ class OperatorService:
         if decision.reason is not None:
             self.metrics.placements.labels("pending").inc()
             if key in self._preempted:
-                message = f"{self._preempted[key]}; {decision.message}"
-                return PendingReason.PREEMPTED.value, message
+                why, displaced_by = self._preempted[key]
+                return why, f"{displaced_by}; {decision.message}"
             return decision.reason.value, decision.message
         return None, None
 
@@ -612,6 +761,13 @@ class OperatorService:
         Called under the placement lock."""
         for node in list(self._assigned.get(key, {})):
             report = self._fresh_report(node, key)
+            if report is not None and self.demand is not None and _idled(report):
+                # Unloaded for idleness: withdrawn so the next request, which the gateway
+                # holds, brings it back (an Evicted assignment is never reloaded as it is).
+                log.info("%s idle past keepAlive on %s: withdrawn until asked for", key, node)
+                self._idle[key][node] = self.clock()
+                self._unassign(key, node, changes[node])
+                continue
             if report is None or not _unloadable(report):
                 continue
             why = f"{report.reason or report.state}: {report.message or report.state}"
@@ -619,6 +775,34 @@ class OperatorService:
             self._avoid[key][node] = (time.monotonic() + self.config.avoid_seconds, why)
             self._unassign(key, node, changes[node])
             self.metrics.placements.labels("replaced").inc()
+
+    def _waited_for(self, key: str) -> bool:
+        """Requests wait at a gateway for `key` (it has no ready replica)."""
+        entry = self._figures.get(key)
+        return entry is not None and entry.waiting > 0
+
+    def _recency(self) -> dict[str, dt.datetime]:
+        """Each assigned key's last use: the gateways' last request, the agents' last access
+        and load time; now for one in flight, loading or not reported yet (not settled)."""
+        moment = self.clock()
+        used: dict[str, dt.datetime] = {}
+        for key, nodes in self._assigned.items():
+            times: list[dt.datetime] = []
+            entry = self._figures.get(key)
+            if entry is not None:
+                if entry.in_flight > 0:
+                    times.append(moment)
+                if entry.last_request is not None:
+                    times.append(entry.last_request)
+            for node in nodes:
+                report = self._fresh_report(node, key)
+                if report is None or report.state in (ModelState.PENDING, ModelState.LOADING):
+                    times.append(moment)
+                else:
+                    times.extend(t for t in (report.last_access, report.loaded_at) if t)
+            if times:
+                used[key] = max(times)
+        return used
 
     def _unassign(self, key: str, node: str, changes: dict[str, Assignment | None]) -> None:
         """Forget `key` on `node` in memory and the ledger now; `changes` carries the write."""
@@ -765,6 +949,9 @@ class OperatorService:
         self._pending.pop(name, None)
         self._preempted.pop(key, None)
         self._avoid.pop(key, None)
+        self._idle.pop(key, None)
+        self._autoscaled.pop(key, None)
+        self._scale.pop(key, None)
         self._update_pending_gauge()
 
     # ---- delete ----------------------------------------------------------------------------
@@ -852,6 +1039,11 @@ def _unloadable(report: ResidentModel) -> bool:
     if report.state is ModelState.EVICTED:
         return report.reason not in STAYING_EVICTIONS
     return False
+
+
+def _idled(report: ResidentModel) -> bool:
+    """A replica its agent unloaded because it was idle past keepAlive."""
+    return report.state is ModelState.EVICTED and report.reason in STAYING_EVICTIONS
 
 
 def _replaced(old: Assignment, desired: Assignment) -> bool:
