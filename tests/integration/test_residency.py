@@ -274,3 +274,28 @@ def test_requests_alternating_between_three_models_on_one_gpu_swap_out_the_colde
 
 def sizes_names(sizes: Mapping[str, int]) -> list[str]:
     return [m.partition(":")[0] for m in sizes]
+
+
+def test_a_model_unloaded_for_idleness_comes_back_on_its_next_request(
+    residency: Residency, kubectl: Kubectl
+) -> None:
+    residency.add_node("rs-idle", {"dozy:1b": 2 * GIB}, [24 * GIB])
+    residency.start()
+    ns = residency.namespace
+    spec = {"model": "dozy:1b", "backend": "ollama", "vram": "2Gi", "keepAlive": "6s"}
+    residency.create("dozy", spec)
+    residency.wait("loaded", lambda: residency.status("dozy").get("readyReplicas") == 1)
+    assert residency.chat("dozy") == "This is a simulated reply from dozy:1b."
+
+    def idle() -> bool:
+        ready = next(
+            (c for c in residency.status("dozy").get("conditions") or [] if c["type"] == "Ready"),
+            {},
+        )
+        return ready.get("reason") == "ScaledToZero" and "dozy" not in residency.assigned()
+
+    residency.wait("withdrawn for idleness", idle, timeout=60)
+    assert ready_of(kubectl, ns, "dozy") == "0/0"
+    assert residency.chat("dozy") == "This is a simulated reply from dozy:1b."
+    residency.wait("loaded again", lambda: residency.status("dozy").get("readyReplicas") == 1)
+    assert ready_of(kubectl, ns, "dozy") == "1/1"
