@@ -50,6 +50,7 @@ class Server:
         self.manager = PipelineManager(
             FakeRuntime(tmp / "gpus.json", pid=4242),
             SimulatedGPUSource(tmp / "gpus.json"),
+            pid=4242,
             download_command=[
                 sys.executable,
                 "-m",
@@ -279,6 +280,9 @@ async def test_estimate_and_metrics(server: Server) -> None:
     status, health = await server.call("GET", "/health")
     assert health["status"] == "ok"
     assert health["runtime"]["name"] == "simulated"
+    # NVML's view: every pipeline of this process together.
+    assert health["gpuSource"] == "simulated"
+    assert health["gpuProcessBytes"] == {server.uuid: sum(server.held().values())}
 
 
 # --- the agent's backend ----------------------------------------------------------------------

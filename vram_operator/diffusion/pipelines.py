@@ -135,8 +135,11 @@ class PipelineManager:
         download_command: Sequence[str] | None = None,
         hub_cache: Path | None = None,
         device: str = "cuda",
+        pid: int | None = None,
     ) -> None:
         self.runtime = runtime
+        self.pid = os.getpid() if pid is None else pid
+        """The process whose GPU memory NVML (or the simulated GPU) attributes to this server."""
         self.gpu_source: GPUSource = gpu_source or NoGPUSource("no GPU source configured")
         self.metrics = metrics or DiffusionMetrics()
         self.download_command = list(download_command or default_download_command())
@@ -159,6 +162,16 @@ class PipelineManager:
             return estimate_pipeline(folder, options), detect_folder(folder)
         except UnsupportedModel as err:
             raise ServerError(422, str(err)) from None
+
+    def process_bytes(self) -> tuple[str, dict[str, int]]:
+        """(the GPU source's name, GPU memory this process holds per GPU UUID, as NVML sees
+        it): all pipelines together, with the CUDA context and the allocator's cache."""
+        reading = self.gpu_source.read()
+        held = {
+            uuid: sum(p.used_bytes or 0 for p in processes if p.pid == self.pid)
+            for uuid, processes in reading.processes.items()
+        }
+        return reading.source, {uuid: n for uuid, n in held.items() if n}
 
     # --- residency -----------------------------------------------------------------------
 

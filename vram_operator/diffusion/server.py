@@ -7,7 +7,9 @@ context.
 
 Control API (JSON; errors are `{"message": "..."}`), on --host/--port:
 
-    GET    /health                    200 {"status": "ok", "version", "runtime", "pipelines"}
+    GET    /health                    200 {"status": "ok", "version", "runtime", "pipelines",
+                                      "gpuSource", "gpuProcessBytes": {uuid: bytes}: what
+                                      NVML attributes to this process on each GPU}
     GET    /pipelines                 200 {"pipelines": [<entry>, ...]}
     GET    /pipelines/{key}           200 <entry> | 404
     PUT    /pipelines/{key}           body {"model", "gpuUuid", "vramBytes", "options":
@@ -126,12 +128,15 @@ def _endpoint_base(request: web.Request) -> str | None:
 
 async def _health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
+    source, held = await asyncio.to_thread(manager.process_bytes)
     return web.json_response(
         {
             "status": "ok",
             "version": __version__,
             "runtime": manager.runtime.describe(),
             "pipelines": len(manager.pipelines),
+            "gpuSource": source,
+            "gpuProcessBytes": held,
         }
     )
 
