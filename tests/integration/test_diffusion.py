@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from vram_operator.api import GROUP, VERSION
 from vram_operator.diffusion.runtime import png_size
@@ -162,3 +163,66 @@ def test_a_diffusion_deployment_becomes_ready_and_serves_images(
     )
     assert code == 400
     assert "/v1/images/generations" in answer["error"]["message"]
+
+
+def test_pressure_parks_a_pipeline_in_host_ram_and_it_still_serves_after_waking(
+    sim_cluster: SimulatedCluster,
+) -> None:
+    node = sim_cluster.add_node(
+        "diffusion-pressure",
+        gpu_sizes=(24 * GIB,),
+        agent_args=("--report-interval", "1", "--min-residency", "0"),
+        diffusion=True,
+    )
+    sim_cluster.start_operator()
+    custom = client.CustomObjectsApi(sim_cluster.api)
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        NAMESPACE,
+        "modeldeployments",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ModelDeployment",
+            "metadata": {"name": "sd"},
+            "spec": {"model": "runwayml/stable-diffusion-v1-5", "backend": "diffusers"},
+        },
+    )
+    key = f"{NAMESPACE}.sd"
+
+    def reported(state: str) -> dict[str, Any] | None:
+        try:
+            body: Any = custom.get_cluster_custom_object(
+                GROUP, VERSION, "gpunodes", "diffusion-pressure"
+            )
+        except ApiException:
+            return None  # the agent has not written its GPUNode yet
+        models = (body.get("status") or {}).get("models") or []
+        found = next((m for m in models if m["key"] == key), None)
+        return found if found is not None and found["state"] == state else None
+
+    try:
+        loaded = _wait("sd Loaded", lambda: reported("Loaded"))
+    except AssertionError:
+        print(sim_cluster.logs())
+        raise
+    uuid = loaded["gpuUuid"]
+    owner = f"diffusion:{key}"
+    assert any(o.endswith(owner) for o in node.gpus.allocations()[uuid])
+    # Another process takes all but 128 MiB: real pressure, and the only evictable model is
+    # parked (its backend can), not dropped to disk.
+    free = node.gpus.device(uuid).free_bytes
+    node.gpus.pressure(uuid, free - 128 * 2**20, label="other-tenant")
+    try:
+        _wait("sd Sleeping", lambda: reported("Sleeping"))
+    except AssertionError:
+        print(sim_cluster.logs())
+        raise
+    assert not any(o.endswith(owner) for o in node.gpus.allocations()[uuid])
+    node.gpus.pressure(uuid, 0, label="other-tenant")
+    _wait("sd Loaded again", lambda: reported("Loaded"))
+    code, answer = _post(
+        f"{node.diffusion_serve_url}/pipelines/{key}/v1/images/generations",
+        {"prompt": "after waking", "size": "64x64"},
+    )
+    assert code == 200, answer
