@@ -288,7 +288,7 @@ def test_a_model_unloaded_for_idleness_comes_back_on_its_next_request(
     assert residency.chat("dozy") == "This is a simulated reply from dozy:1b."
 
     def idle() -> bool:
-        ready = next(
+        ready: dict[str, Any] = next(
             (c for c in residency.status("dozy").get("conditions") or [] if c["type"] == "Ready"),
             {},
         )

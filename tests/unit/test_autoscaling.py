@@ -305,3 +305,23 @@ def test_the_gateway_holds_requests_for_an_autoscaled_model_at_zero() -> None:
     (target,) = build_targets([deployment], [], T0).values()
     assert target.replicas == 2
     assert admit(0, 10, target, 60).wait
+
+
+def test_a_cold_start_event_says_how_long_it_took() -> None:
+    pending = status(None, {"n1": ModelState.LOADING})
+    loaded_report = report(ModelState.LOADED).model_copy(update={"load_seconds": 2.04})
+    spec = parse_spec({"model": "m:1b", "backend": "ollama"})
+    loaded = fold_status(
+        spec=spec,
+        spec_error=None,
+        generation=1,
+        assigned_nodes={"n1": assignment()},
+        reports={"n1": loaded_report},
+        pending_reason=None,
+        pending_message=None,
+        previous=pending,
+        now=T0,
+    )
+    assert loaded.placements[0].load_seconds == 2.04
+    messages = [e.message for e in events_between(pending, loaded) if e.reason == "Loaded"]
+    assert messages == ["loaded on n1, a cold start of 2.0s"]

@@ -341,6 +341,9 @@ class Placement(CamelModel):
     last_error: str | None = None
     """The backend's message from the last failure."""
 
+    load_seconds: Annotated[float, Field(ge=0)] | None = None
+    """How long the last load took, as the agent measured it (a cold start, or a wake-up)."""
+
     tier: Tier | None = None
     """Where the replica is: on the GPU (loading, loaded, unloading), parked in host RAM
     (Sleeping), or on disk only (pending, evicted, failed)."""

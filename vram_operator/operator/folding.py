@@ -263,6 +263,7 @@ def _placement(node: str, assignment: Assignment, report: ResidentModel | None) 
         vram_bytes=report.vram_bytes,
         progress=report.progress,
         last_error=report.message if report.state is ModelState.FAILED else None,
+        load_seconds=report.load_seconds,
         tier=tier(report.state),
     )
 
@@ -428,9 +429,11 @@ def _state_event(node: str, old: Placement | None, new: Placement) -> Event | No
     if new.state is old_state:
         return None
     if new.state is ModelState.LOADED:
-        verb = "woke" if old_state is ModelState.SLEEPING else "loaded"
         size = f" ({format_bytes(new.vram_bytes)})" if new.vram_bytes is not None else ""
-        return Event("Normal", "Loaded", f"{verb} on {node}{size}")
+        if old_state is ModelState.SLEEPING:
+            return Event("Normal", "Loaded", f"woke on {node}")  # from host RAM
+        took = f", a cold start of {new.load_seconds:.1f}s" if new.load_seconds is not None else ""
+        return Event("Normal", "Loaded", f"loaded on {node}{size}{took}")
     if new.state is ModelState.SLEEPING:
         return Event("Normal", "Sleeping", f"parked in host RAM on {node}")
     if new.state is ModelState.EVICTED:
