@@ -90,6 +90,8 @@ Key = tuple[str, str]  # (namespace, name)
 _HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING, ModelState.UNLOADING)
 
 HEARTBEAT_LOST = "HeartbeatLost"
+POLICY_USAGE_SECONDS = 5.0
+"""How often ModelPolicy usage is written at most."""
 MAX_CLOCK_SKEW = 30.0
 """Seconds a heartbeat may lie ahead of the operator's clock and still count."""
 
@@ -161,6 +163,7 @@ class OperatorService:
         self._demand: dict[str, int] = {}
         """Admitted keys to the VRAM they ask for (replicas x VRAM), for namespace quotas."""
         self._policy_status: dict[str, ModelPolicyStatus] = {}
+        self._policy_usage_due = 0.0
         self._foreign: set[str] = set()
         """GPUNodes whose assignments someone other than us changed."""
         self._measured: dict[str, int] = {}
@@ -647,7 +650,12 @@ class OperatorService:
 
     async def publish_policy_usage(self) -> None:
         """Write each ModelPolicy's usage (what its namespaces ask against its quota) when it
-        changed; called from the housekeeping loop, so usage costs no write per reconcile."""
+        changed; called from the housekeeping loop, at most every POLICY_USAGE_SECONDS, so
+        usage costs no write per reconcile and little during a burst."""
+        moment = time.monotonic()
+        if moment < self._policy_usage_due:
+            return
+        self._policy_usage_due = moment + POLICY_USAGE_SECONDS
         for name, policy in list(self._policies.items()):
             selected = sorted(
                 ns
@@ -741,8 +749,11 @@ class OperatorService:
                         self._assigned[key][node] = updated
                         changes[node][key] = updated
             futures = {node: self.writer.submit(node, c) for node, c in changes.items() if c}
-        # Whoever lost a replica shows it before anything else is worked on.
+        # Whoever lost a replica shows it before the withdrawal is written (an operator killed
+        # in between must not leave a status claiming what the agent is about to unload), and
+        # is reconciled before anything else to find a new place.
         for victim_key in displaced:
+            await self._show_displaced(victim_key)
             self._mark_key(victim_key, urgent=True)
         await self._write(futures, changes)
         if decision.reason is not None:
@@ -752,6 +763,35 @@ class OperatorService:
                 return why, f"{displaced_by}; {decision.message}"
             return decision.reason.value, decision.message
         return None, None
+
+    async def _show_displaced(self, key: str) -> None:
+        """Publish `key`'s status from memory, its displaced replica already gone, without
+        placing anything (its own reconcile, queued next, does that)."""
+        name = self._names.get(key)
+        body = await self.store.get_deployment(*name) if name else None
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError:
+            return
+        assigned = dict(self._assigned.get(key, {}))
+        previous = _previous_status(body)
+        reason, message = self._preempted.get(key, (PendingReason.PREEMPTED.value, ""))
+        status = fold_status(
+            spec=spec,
+            spec_error=None,
+            generation=int(body["metadata"].get("generation") or 0),
+            assigned_nodes=assigned,
+            reports={node: self._fresh_report(node, key) for node in assigned},
+            pending_reason=reason,
+            pending_message=message,
+            previous=previous,
+            now=self.clock(),
+            scale=self._with_idle(key, spec, self._wanted(key, spec, previous)),
+            name=body["metadata"]["name"],
+        )
+        await self._publish(body, previous, status)
 
     def _release_unloadable(
         self, key: str, changes: dict[str, dict[str, Assignment | None]]
