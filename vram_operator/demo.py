@@ -1,16 +1,19 @@
 """`vram-operator demo`: the whole system on one machine, on simulated GPUs.
 
 Starts a local kube-apiserver + etcd, installs the CRDs, starts two simulated GPU nodes
-(real agents over the fake Ollama and the real vLLM supervisor running the fake vLLM), the
-operator, applies examples/ and prints `kubectl get vram` until every model is Ready, then
-starts the gateway and prints a chat completion from an Ollama and a vLLM model through it.
+(real agents over the fake Ollama, the real vLLM supervisor running the fake vLLM and the real
+diffusion server with fake pipelines), the operator, applies examples/ and prints `kubectl get
+vram` until every model is Ready, then starts the gateway and prints a chat completion from an
+Ollama and a vLLM model and an image from a diffusion model through it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -33,6 +36,8 @@ from vram_operator.simulation.cluster import (
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GATEWAY_MODELS = ("llama3-2-1b", "qwen2-5-0-5b")
 """Deployments of examples/ the demo calls through the gateway: one on Ollama, one on vLLM."""
+IMAGE_MODEL = "sdxl"
+"""The diffusion deployment of examples/ the demo asks for an image."""
 H100_LABEL = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 
 
@@ -80,6 +85,21 @@ def _chat(gateway: str, model: str, prompt: str, timeout: float = 60) -> str:
     return str(reply["choices"][0]["message"]["content"])
 
 
+def _image(gateway: str, model: str, size: str = "512x512", timeout: float = 60) -> str:
+    """One image through the gateway's images API; its PNG size and length, as text."""
+    body = {"model": model, "prompt": "a lighthouse at dusk", "size": size}
+    request = urllib.request.Request(
+        gateway + "/v1/images/generations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        reply = json.loads(response.read())
+    png = base64.b64decode(reply["data"][0]["b64_json"])
+    width, height = struct.unpack(">II", png[16:24])
+    return f"a {width}x{height} PNG of {len(png)} bytes"
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     workdir = args.state_dir or Path(tempfile.mkdtemp(prefix="vram-demo-"))
@@ -94,8 +114,8 @@ def main(argv: Sequence[str]) -> int:
             install_crds(api)
             install_trusted_policy(api)
             print("CRDs installed; starting 2 simulated GPU nodes and the operator", flush=True)
-            cluster.add_node("gpu-node-1", gpu_sizes=[gpu])
-            cluster.add_node("gpu-node-2", gpu_sizes=[gpu], labels=H100_LABEL)
+            cluster.add_node("gpu-node-1", gpu_sizes=[gpu], diffusion=True)
+            cluster.add_node("gpu-node-2", gpu_sizes=[gpu], labels=H100_LABEL, diffusion=True)
             cluster.start_operator("--heartbeat-grace", "30")
             docs = _model_deployments(args.examples)
             applied = cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs), check=True)
@@ -118,6 +138,8 @@ def main(argv: Sequence[str]) -> int:
             for name in GATEWAY_MODELS:
                 answer = _chat(gateway, name, "Say hello in five words.")
                 print(f"gateway {gateway} -> {name}: {answer}", flush=True)
+            if any(d["metadata"]["name"] == IMAGE_MODEL for d in docs):
+                print(f"gateway {gateway} -> {IMAGE_MODEL}: {_image(gateway, IMAGE_MODEL)}")
             if args.keep_running:
                 print(f"export KUBECONFIG={kubeconfig}   # Ctrl-C stops everything", flush=True)
                 signal.sigwait({signal.SIGINT, signal.SIGTERM})
