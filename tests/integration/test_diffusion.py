@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import openai
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -157,6 +158,26 @@ def test_a_diffusion_deployment_becomes_ready_and_serves_images(
     )
     assert code == 400
     assert "image-to-image" in answer["error"]["message"]
+    # OpenAI's own client: generations as JSON, edits as multipart, both through the gateway.
+    api = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0).images
+    made = api.generate(
+        model="sdxl", prompt="a fox", size="256x256", response_format="b64_json", n=1
+    )
+    assert made.data
+    assert made.data[0].b64_json
+    fox = base64.b64decode(made.data[0].b64_json)
+    assert png_size(fox) == (256, 256)
+    edited = api.edit(
+        model="refiner",
+        image=("fox.png", fox, "image/png"),
+        prompt="sharper",
+        size="256x256",
+        response_format="b64_json",
+    )
+    assert isinstance(edited, openai.types.ImagesResponse)
+    assert edited.data
+    assert edited.data[0].b64_json
+    assert png_size(base64.b64decode(edited.data[0].b64_json)) == (256, 256)
     code, answer = _post(
         f"{gateway}/v1/chat/completions",
         {"model": "sdxl", "messages": [{"role": "user", "content": "hi"}]},

@@ -2,8 +2,9 @@
 
 Served:
 - OpenAI: GET /v1/models; POST /v1/chat/completions, /v1/completions, /v1/embeddings, and for
-  diffusion models /v1/images/generations and /v1/images/edits (JSON, base64 image), sent to
-  the pipeline's endpoint on the diffusion server. A
+  diffusion models /v1/images/generations and /v1/images/edits (JSON with a base64 image, or
+  multipart as OpenAI's clients send it), sent to the pipeline's endpoint on the diffusion
+  server. A
   vLLM-backed model is forwarded to its endpoint's /v1; an Ollama-backed one to Ollama's own
   OpenAI-compatible /v1 (openai/openai.go in Ollama v0.12.3), so neither is translated.
 - Ollama: POST /api/chat, /api/generate, /api/embed (Ollama-backed models only: the gateway
@@ -75,6 +76,32 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _ERROR_BODY_LIMIT = 1 << 20
+_FILES = "vram_gateway_files"
+"""Where a multipart request (OpenAI's /v1/images/edits) keeps its files for forwarding."""
+
+
+@dataclass(frozen=True)
+class _File:
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+async def _form_fields(request: web.Request) -> dict[str, Any]:
+    """A multipart body's plain fields; its files go on the request under _FILES."""
+    form = await request.post()
+    fields: dict[str, Any] = {}
+    files: list[_File] = []
+    for name, value in form.items():
+        if isinstance(value, web.FileField):
+            files.append(_File(name, value.filename, value.content_type, value.file.read()))
+        else:
+            fields[name] = value
+    request[_FILES] = files
+    return fields
+
+
 SYNC_WAIT_SECONDS = 10.0
 """How long a request that arrives before the first list waits for it."""
 
@@ -238,7 +265,10 @@ class Gateway:
     async def _forward(self, request: web.Request, api: str, path: str) -> web.StreamResponse:
         started = time.monotonic()
         try:
-            body = json.loads(await request.read())
+            if request.content_type.startswith("multipart/"):
+                body = await _form_fields(request)
+            else:
+                body = json.loads(await request.read())
         except ValueError as err:
             return self._error(api, 400, f"invalid JSON body: {err}")
         if not isinstance(body, dict):
@@ -379,8 +409,19 @@ class Gateway:
             headers["Authorization"] = request.headers["Authorization"]
         labels = (target.namespace, target.name)
         self.metrics.backend_requests.labels(*labels, replica.node).inc()
+        files: list[_File] | None = request.get(_FILES)
+        data: Any = json.dumps(outgoing)
+        if files is not None:  # a multipart edit: sent on as multipart, model rewritten
+            del headers["Content-Type"]
+            data = aiohttp.FormData()
+            for name, value in outgoing.items():
+                data.add_field(name, str(value))
+            for file in files:
+                data.add_field(
+                    file.field, file.data, filename=file.filename, content_type=file.content_type
+                )
         try:
-            upstream = await self._session.post(url, data=json.dumps(outgoing), headers=headers)
+            upstream = await self._session.post(url, data=data, headers=headers)
         except (aiohttp.ClientConnectionError, TimeoutError) as err:
             return f"{replica.node}: {err!r}"
         async with upstream:
