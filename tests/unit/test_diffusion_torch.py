@@ -18,7 +18,7 @@ from vram_operator.api.diffusion import DiffusersOptions
 from vram_operator.diffusion.estimate import estimate_pipeline, pipeline_sizes
 from vram_operator.diffusion.family import Family, detect_folder
 from vram_operator.diffusion.pipelines import PipelineManager, PipelineState
-from vram_operator.diffusion.runtime import ImageJob, PipelineSpec, png_size
+from vram_operator.diffusion.runtime import ImageJob, PipelineSpec, encode_png, png_size
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -61,7 +61,7 @@ def _text_encoder(hidden: int, projection: bool) -> Any:
     return cls(config)
 
 
-def _unet(cross: int, xl_time_ids: int | None) -> Any:
+def _unet(cross: int, xl_time_ids: int | None, in_channels: int = 4) -> Any:
     extra: dict[str, Any] = {}
     if xl_time_ids is not None:
         extra = {
@@ -74,7 +74,7 @@ def _unet(cross: int, xl_time_ids: int | None) -> Any:
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -232,3 +232,33 @@ def test_the_server_path_with_the_torch_runtime(
         await manager.close()
 
     asyncio.run(scenario())
+
+
+def test_an_inpainting_pipeline_repaints_under_its_mask(
+    pipelines: dict[Family, Path], tmp_path: Path
+) -> None:
+    from vram_operator.diffusion.torch_runtime import TorchRuntime
+
+    torch.manual_seed(0)
+    diffusers.StableDiffusionInpaintPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(768, projection=False),
+        tokenizer=_tokenizer(),
+        unet=_unet(768, None, in_channels=9),
+        scheduler=diffusers.EulerDiscreteScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    detected = detect_folder(tmp_path / "inpaint")
+    assert (detected.family, detected.inpainting) == (Family.SD15, True)
+    assert detected.pipeline_class == "StableDiffusionInpaintPipeline"
+    runtime = TorchRuntime(device="cpu")
+    base = runtime.load(_spec(Family.SD15, pipelines[Family.SD15], "base"))
+    picture = runtime.generate(
+        base, ImageJob(prompt="x", width=64, height=48, steps=1, seed=1), lambda *_: None
+    )
+    mask = encode_png(64, 48, [bytes([255 if x >= 32 else 0 for x in range(64 * 3)])] * 48)
+    handle = runtime.load(_spec(Family.SD15, tmp_path / "inpaint", "inpaint"))
+    job = ImageJob(prompt="a fox", width=64, height=48, steps=2, seed=3, image=picture, mask=mask)
+    assert png_size(runtime.generate(handle, job, lambda *_: None)) == (64, 48)
