@@ -374,6 +374,7 @@ def test_kubectl_get_vram_prints_the_printer_columns(
         vram="6Gi",
         vram_bytes=6 * 2**30,
         vram_source="spec",
+        tiers="GPU,Disk",
     )
     custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, scratch.namespace, MDEP, mdep, {"status": mdep_status.to_k8s()}
@@ -407,12 +408,13 @@ def test_kubectl_get_vram_prints_the_printer_columns(
     tables = _tables(_eventually_ok(kubectl, "get", "vram", "-A"))
     headers, rows = tables[f"modeldeployment.{GROUP}"]
     assert headers == [
-        "NAMESPACE", "NAME", "BACKEND", "PRIORITY", "READY", "VRAM", "STATUS", "AGE"
+        "NAMESPACE", "NAME", "BACKEND", "PRIORITY", "READY", "TIER", "VRAM", "STATUS", "AGE"
     ]  # fmt: skip
     (row,) = [r for r in rows if r["NAME"] == f"modeldeployment.{GROUP}/{mdep}"]
     assert row["NAMESPACE"] == scratch.namespace
     assert (row["BACKEND"], row["PRIORITY"]) == ("vllm", "high")
     assert (row["READY"], row["VRAM"], row["STATUS"]) == ("1/2", "6Gi", "Loading")
+    assert row["TIER"] == "GPU,Disk"
     assert re.fullmatch(r"\d+s", row["AGE"]), row
 
     headers, rows = tables[f"gpunode.{GROUP}"]
