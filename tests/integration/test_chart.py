@@ -904,6 +904,10 @@ def test_gateway_is_two_replicas_behind_a_service_and_the_only_path_to_the_backe
     name, namespace = demand["metadata"]["name"], default_release.namespace
     assert parsed.gateway_demand_url == f"http://{name}.{namespace}.svc:8080/demand"
     assert parsed.ollama_url == "http://$(POD_IP):11434"
+    # And the operator, for spec.autoscaling, wake on request and swap-outs.
+    operator = _containers(default_release.stored_object("Deployment", "-operator"))["operator"]
+    demand_url = _parse(operator["args"]).gateway_demand_url
+    assert demand_url == f"http://{name}.{namespace}.svc:8080/demand"
     assert "POD_IP" in _env(agent)
 
     # Only the gateway's pods reach the Ollama and vLLM serving ports of the agent pods.
@@ -967,6 +971,8 @@ def test_gateway_can_be_turned_off(helm: Helm) -> None:
     agent = _containers(_find(docs, "DaemonSet"))["agent"]
     assert not any(a.startswith("--gateway-demand-url") for a in agent["args"])
     assert "--ollama-url=http://127.0.0.1:11434" in agent["args"]
+    operator = _containers(_find(docs, "Deployment", "-operator"))["operator"]
+    assert not any(a.startswith("--gateway-demand-url") for a in operator["args"])
 
 
 def test_diffusion_sidecar_is_off_by_default_and_complete_when_on(helm: Helm) -> None:
