@@ -14,6 +14,7 @@ from vram_operator.operator.demand import DemandReader
 from vram_operator.operator.metrics import OperatorMetrics
 from vram_operator.operator.placement import PlacementConfig
 from vram_operator.operator.service import OperatorConfig, OperatorService
+from vram_operator.simulation.cluster import TRUSTED_POLICY
 
 pytestmark = pytest.mark.unit
 
@@ -143,3 +144,18 @@ async def test_a_model_idle_past_keep_alive_is_withdrawn_and_its_next_request_br
     await drain(svc)
     assert store.assigned("n1") == {"ns.idle"}
     assert store.status("idle")["desiredReplicas"] == 1
+
+
+async def test_an_autoscaled_model_is_charged_its_max_replicas_against_the_quota() -> None:
+    store, clock = MemoryStore(), Clock()
+    store.add_node("n1", total=24 * GI)
+    store.apply("wide", vram="4Gi")
+    spec = store.deployments[("ns", "wide")]["spec"]
+    spec["autoscaling"] = {"minReplicas": 0, "maxReplicas": 3}
+    svc = await demand_service(store, clock)
+    quota = TRUSTED_POLICY["spec"] | {"vramQuota": "10Gi"}
+    svc.observe_policy({**TRUSTED_POLICY, "spec": quota}, "trusted-namespaces")
+    await drain(svc)
+    refused = condition(store.status("wide"), "Ready")
+    assert refused["reason"] == "PolicyViolation"
+    assert store.assigned("n1") == set()

@@ -197,7 +197,7 @@ class OperatorService:
             if self._assigned.get(key) and not meta.get("deletionTimestamp"):
                 with contextlib.suppress(SpecError):
                     spec = parse_spec(item.get("spec"))
-                    self._demand[key] = spec.replicas * self._vram_bytes(key, spec)
+                    self._demand[key] = _most_replicas(spec) * self._vram_bytes(key, spec)
         log.info(
             "operator state rebuilt: %d GPUNodes, %d assignments",
             len(self._gpunodes),
@@ -634,7 +634,7 @@ class OperatorService:
         """
         policies = policies_for(self._namespaces.get(namespace, {}), self._policies.values())
         check_spec(spec, policies)
-        asked = spec.replicas * self._vram_bytes(key, spec)
+        asked = _most_replicas(spec) * self._vram_bytes(key, spec)
         others = sum(
             v for k, v in self._demand.items() if k != key and k.partition(".")[0] == namespace
         )
@@ -1079,6 +1079,12 @@ def _unloadable(report: ResidentModel) -> bool:
     if report.state is ModelState.EVICTED:
         return report.reason not in STAYING_EVICTIONS
     return False
+
+
+def _most_replicas(spec: ModelDeploymentSpec) -> int:
+    """The replicas a spec may come to hold: what a namespace's VRAM quota is charged (an
+    autoscaled model up to maxReplicas, whatever spec.replicas says)."""
+    return spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.replicas
 
 
 def _idled(report: ResidentModel) -> bool:
