@@ -114,3 +114,17 @@ async def test_a_gone_node_answers_false_and_a_failed_write_raises_to_every_wait
     for future in futures:
         with pytest.raises(RuntimeError, match="away"):
             await failing.wait("n1", future)
+
+
+async def test_a_held_node_is_written_only_once_released() -> None:
+    patch = RecordingPatch()
+    writer = AssignmentWriter(patch)
+    writer.hold("n1")
+    withdrawn = writer.submit("n1", {"ns.victim": None})
+    waiting = asyncio.ensure_future(writer.wait("n1", writer.submit("n1", {"ns.b": None})))
+    await asyncio.sleep(0)
+    assert patch.patches == []  # another caller's wait does not flush a held node
+    await writer.release("n1")
+    assert await writer.wait("n1", withdrawn)
+    assert await waiting
+    assert patch.patches == [("n1", {"ns.victim": None, "ns.b": None})]

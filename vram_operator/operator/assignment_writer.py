@@ -28,6 +28,7 @@ class AssignmentWriter:
         self._pending: dict[str, dict[str, Assignment | None]] = {}
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._writing: set[str] = set()
+        self._held: dict[str, int] = {}
 
     def submit(self, node: str, changes: Changes) -> asyncio.Future[bool]:
         """Queue changes for `node`; the future says whether the node took them."""
@@ -41,17 +42,36 @@ class AssignmentWriter:
 
         Raises what the write raised (the changes in that batch are then not applied).
         """
-        if node not in self._writing:
-            self._writing.add(node)
-            try:
-                while self._pending.get(node):
-                    await self._write_batch(node)
-            finally:
-                self._writing.discard(node)
-                if self._pending.get(node):
-                    # Cancelled mid-write: the callers still waiting must not hang.
-                    self._fail(node, RuntimeError("assignment writer stopped"))
+        await self._drain(node)
         return await future
+
+    def hold(self, node: str) -> None:
+        """Write nothing more to `node` until `release`: what must be seen first (a displaced
+        model's status) goes out before the withdrawal does. Call where changes are submitted,
+        so no other caller flushes them in between."""
+        self._held[node] = self._held.get(node, 0) + 1
+
+    async def release(self, node: str) -> None:
+        """Undo one `hold`; the last one writes what was submitted meanwhile."""
+        count = self._held.get(node, 0) - 1
+        if count > 0:
+            self._held[node] = count
+            return
+        self._held.pop(node, None)
+        await self._drain(node)
+
+    async def _drain(self, node: str) -> None:
+        if node in self._writing or node in self._held:
+            return  # the writer in flight, or the last release, writes it
+        self._writing.add(node)
+        try:
+            while self._pending.get(node) and node not in self._held:
+                await self._write_batch(node)
+        finally:
+            self._writing.discard(node)
+            if self._pending.get(node) and node not in self._held:
+                # Cancelled mid-write: the callers still waiting must not hang.
+                self._fail(node, RuntimeError("assignment writer stopped"))
 
     async def _write_batch(self, node: str) -> None:
         batch = self._pending.pop(node)

@@ -704,14 +704,23 @@ class OperatorService:
             for node, old in list(self._assigned.get(key, {}).items()):
                 if _replaced(old, desired):
                     self._unassign(key, node, changes[node])  # model or size changed
+            existing = self._assigned.get(key, {}).keys()
+            # A replica withdrawn from a node that still holds it (unloading) counts until it
+            # is gone, so a model is never held on more nodes than it asks for; the report
+            # that drops it queues this model again.
+            lingering = [n for n in self._holding(key) if n not in existing]
+            # Less any replica just found idle past keepAlive: it is not placed again.
+            count = max(0, replicas - len(self._idle.get(key, {})))
+            deferred = bool(lingering) and count > len(existing)
+            if deferred:
+                count = max(len(existing), count - len(lingering))
             request = PlacementRequest.from_spec(
                 key,
                 spec,
                 vram_bytes=self._vram_bytes(key, spec),
-                existing=self._assigned.get(key, {}).keys(),
+                existing=existing,
                 avoid={node: why for node, (_, why) in self._avoid.get(key, {}).items()},
-                # Less any replica just found idle past keepAlive: it is not placed again.
-                replicas=max(0, replicas - len(self._idle.get(key, {}))),
+                replicas=count,
                 demanded=self._waited_for(key),
             )
             decision = self.reservations.place_and_reserve(
@@ -749,12 +758,19 @@ class OperatorService:
                         self._assigned[key][node] = updated
                         changes[node][key] = updated
             futures = {node: self.writer.submit(node, c) for node, c in changes.items() if c}
+            held = sorted({victim.node for victim in decision.preempted})
+            for node in held:
+                self.writer.hold(node)
         # Whoever lost a replica shows it before the withdrawal is written (an operator killed
         # in between must not leave a status claiming what the agent is about to unload), and
         # is reconciled before anything else to find a new place.
-        for victim_key in displaced:
-            await self._show_displaced(victim_key)
-            self._mark_key(victim_key, urgent=True)
+        try:
+            for victim_key in displaced:
+                await self._show_displaced(victim_key)
+                self._mark_key(victim_key, urgent=True)
+        finally:
+            for node in held:
+                await self.writer.release(node)
         await self._write(futures, changes)
         if decision.reason is not None:
             self.metrics.placements.labels("pending").inc()
@@ -762,6 +778,13 @@ class OperatorService:
                 why, displaced_by = self._preempted[key]
                 return why, f"{displaced_by}; {decision.message}"
             return decision.reason.value, decision.message
+        if deferred:
+            if key in self._preempted:
+                return self._preempted[key]
+            return (
+                Reason.SCHEDULING.value,
+                f"waiting for {', '.join(sorted(lingering))} to finish unloading it",
+            )
         return None, None
 
     async def _show_displaced(self, key: str) -> None:
