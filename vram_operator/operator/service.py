@@ -472,7 +472,15 @@ class OperatorService:
             future = self.writer.submit(name, changes) if changes else None
         if future is not None:
             await self.writer.wait(name, future)
-        for key in changes:
+        # Their statuses first, then the node's condition: once the node reads Ready=Unknown,
+        # no ModelDeployment still claims a replica there.
+        why = (Reason.SCHEDULING.value, f"withdrawn from {name}, whose agent stopped reporting")
+        shown = await asyncio.gather(
+            *(self._show_displaced(key, why) for key in changes), return_exceptions=True
+        )
+        for key, outcome in zip(changes, shown, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning("could not show %s withdrawn from %s: %s", key, name, outcome)
             self._mark_key(key, urgent=True)
         heartbeat = gpunode.status.last_heartbeat_time
         since = heartbeat.isoformat() if heartbeat else "?"
@@ -787,9 +795,10 @@ class OperatorService:
             )
         return None, None
 
-    async def _show_displaced(self, key: str) -> None:
+    async def _show_displaced(self, key: str, why: tuple[str, str] | None = None) -> None:
         """Publish `key`'s status from memory, its displaced replica already gone, without
-        placing anything (its own reconcile, queued next, does that)."""
+        placing anything (its own reconcile, queued next, does that). `why` is the pending
+        reason and message; by default what displaced it."""
         name = self._names.get(key)
         body = await self.store.get_deployment(*name) if name else None
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -800,7 +809,7 @@ class OperatorService:
             return
         assigned = dict(self._assigned.get(key, {}))
         previous = _previous_status(body)
-        reason, message = self._preempted.get(key, (PendingReason.PREEMPTED.value, ""))
+        reason, message = why or self._preempted.get(key, (PendingReason.PREEMPTED.value, ""))
         status = fold_status(
             spec=spec,
             spec_error=None,
