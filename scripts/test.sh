@@ -14,8 +14,10 @@ if [[ ! -x "${VENV}/bin/python" ]]; then
     log "creating ${VENV}"
     "${PYTHON}" -m venv "${VENV}"
 fi
-log "installing vram-operator[test] into ${VENV}"
-"${VENV}/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+# The diffusion extra (CPU PyTorch 2.13.0, diffusers) lets the tests build tiny real
+# pipelines of every Stable Diffusion family; the package itself never needs it.
+log "installing vram-operator[test,diffusion] into ${VENV}"
+"${VENV}/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,diffusion]"
 export PATH="${PWD}/${VENV}/bin:${PATH}"
 
 log "installing the local control plane (cached after the first build)"
