@@ -17,10 +17,12 @@ import json
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
+from urllib.parse import urlencode
 
 import aiohttp
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
 from vram_operator.api import Backend, BackendHealth, ModelState
 from vram_operator.node_agent.estimate import Estimate
@@ -384,3 +386,56 @@ def _shorten(text: str) -> str:
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+PULL_STALL_TIMEOUT = 600.0
+"""Seconds a download may go without progress before the pull fails (retryably)."""
+
+
+class DownloadJob(BaseModel):
+    """A download as our sidecars (the vLLM supervisor, the diffusion server) report it."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+    model: str
+    state: Literal["downloading", "done", "failed"]
+    completed_bytes: int = Field(default=0, ge=0)
+    total_bytes: int | None = None
+    percent: int = Field(default=0, ge=0, le=100)
+    message: str | None = None
+
+
+async def follow_download(
+    api: JSONEndpoint,
+    answer: Any,
+    on_progress: ProgressCallback,
+    poll_interval: float,
+    permanent_marks: Sequence[str],
+    context: str,
+) -> None:
+    """Poll a sidecar's `/downloads` job from its first `answer` until it ends, reporting
+    progress; a stall past PULL_STALL_TIMEOUT is retryable, a message carrying one of
+    `permanent_marks` (the hub's RepositoryNotFoundError, ...) is not."""
+    job = parse_as(DownloadJob, answer, context)
+    loop = asyncio.get_running_loop()
+    shown = 0
+    progress_at = loop.time()
+    last_bytes = job.completed_bytes
+    while job.state == "downloading":
+        if job.percent > shown:
+            shown = job.percent
+            on_progress(shown)
+        if job.completed_bytes != last_bytes:
+            last_bytes, progress_at = job.completed_bytes, loop.time()
+        elif loop.time() - progress_at > PULL_STALL_TIMEOUT:
+            raise BackendError(
+                f"no download progress for {PULL_STALL_TIMEOUT:g}s", retryable=True, context=context
+            )
+        await asyncio.sleep(poll_interval)
+        answer = await api.call("GET", f"/downloads?{urlencode({'model': job.model})}")
+        job = parse_as(DownloadJob, answer, context)
+    if job.state == "failed":
+        message = job.message or "the download failed"
+        permanent = any(mark in message for mark in permanent_marks)
+        raise BackendError(message, retryable=not permanent, context=context)
+    on_progress(100)

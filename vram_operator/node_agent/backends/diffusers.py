@@ -38,6 +38,7 @@ from .base import (
     ResidentInfo,
     RetryPolicy,
     Transport,
+    follow_download,
     parse_as,
     utcnow,
 )
@@ -47,7 +48,6 @@ LOAD_TIMEOUT = 900.0
 """Seconds a load may take: reading several GB of weights and moving them to the GPU."""
 MOVE_TIMEOUT = 300.0
 """Seconds parking or waking may take, waiting for the image being made first."""
-PULL_STALL_TIMEOUT = 600.0
 _PERMANENT_DOWNLOAD_ERRORS = (
     "RepositoryNotFoundError",
     "GatedRepoError",
@@ -86,14 +86,6 @@ class _Entry(_Shape):
 
 class _Entries(_Shape):
     pipelines: list[_Entry]
-
-
-class _Download(_Shape):
-    model: str
-    state: Literal["downloading", "done", "failed"]
-    completed_bytes: int = Field(default=0, ge=0)
-    percent: int = Field(default=0, ge=0, le=100)
-    message: str | None = None
 
 
 class _Estimate(_Shape):
@@ -183,33 +175,14 @@ class DiffusersBackend:
 
     async def pull(self, model: str, on_progress: ProgressCallback) -> None:
         context = f"diffusers pull {model}"
-        job = parse_as(
-            _Download, await self._api.call("POST", "/downloads", {"model": model}), context
+        await follow_download(
+            self._api,
+            await self._api.call("POST", "/downloads", {"model": model}),
+            on_progress,
+            self._poll_interval,
+            _PERMANENT_DOWNLOAD_ERRORS,
+            context,
         )
-        loop = asyncio.get_running_loop()
-        shown = 0
-        progress_at = loop.time()
-        last_bytes = job.completed_bytes
-        while job.state == "downloading":
-            if job.percent > shown:
-                shown = job.percent
-                on_progress(shown)
-            if job.completed_bytes != last_bytes:
-                last_bytes, progress_at = job.completed_bytes, loop.time()
-            elif loop.time() - progress_at > PULL_STALL_TIMEOUT:
-                raise BackendError(
-                    f"no download progress for {PULL_STALL_TIMEOUT:g}s",
-                    retryable=True,
-                    context=context,
-                )
-            await asyncio.sleep(self._poll_interval)
-            answer = await self._api.call("GET", f"/downloads?{urlencode({'model': model})}")
-            job = parse_as(_Download, answer, context)
-        if job.state == "failed":
-            message = job.message or "the download failed"
-            permanent = any(mark in message for mark in _PERMANENT_DOWNLOAD_ERRORS)
-            raise BackendError(message, retryable=not permanent, context=context)
-        on_progress(100)
 
     async def load(self, request: LoadRequest) -> ResidentInfo:
         context = f"diffusers load {request.key}"

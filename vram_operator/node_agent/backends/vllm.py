@@ -47,6 +47,7 @@ from .base import (
     ResidentInfo,
     RetryPolicy,
     Transport,
+    follow_download,
     parse_as,
     raise_for_status,
     utcnow,
@@ -60,8 +61,6 @@ LOAD_TIMEOUT = 900.0
 SLEEP_TIMEOUT = 420.0
 """Seconds parking or waking may take: draining requests (the supervisor's --drain-timeout)
 and copying tens of GiB between host and GPU."""
-PULL_STALL_TIMEOUT = 600.0
-"""Seconds a download may go without progress before the pull fails (retryably)."""
 _PERMANENT_DOWNLOAD_ERRORS = (
     "RepositoryNotFoundError",
     "GatedRepoError",
@@ -104,15 +103,6 @@ class _Entry(_Shape):
 
 class _Entries(_Shape):
     models: list[_Entry]
-
-
-class _Download(_Shape):
-    model: str
-    state: Literal["downloading", "done", "failed"]
-    completed_bytes: int = Field(default=0, ge=0)
-    total_bytes: int | None = None
-    percent: int = Field(default=0, ge=0, le=100)
-    message: str | None = None
 
 
 class _Estimate(_Shape):
@@ -237,31 +227,14 @@ class VLLMBackend:
                 on_progress(100)  # a supervisor without downloads: vllm serve fetches them
                 return
             raise
-        job = parse_as(_Download, answer, context)
-        loop = asyncio.get_running_loop()
-        shown = 0
-        progress_at = loop.time()
-        last_bytes = job.completed_bytes
-        while job.state == "downloading":
-            if job.percent > shown:
-                shown = job.percent
-                on_progress(shown)
-            if job.completed_bytes != last_bytes:
-                last_bytes, progress_at = job.completed_bytes, loop.time()
-            elif loop.time() - progress_at > PULL_STALL_TIMEOUT:
-                raise BackendError(
-                    f"no download progress for {PULL_STALL_TIMEOUT:g}s",
-                    retryable=True,
-                    context=context,
-                )
-            await asyncio.sleep(self._poll_interval)
-            answer = await self._api.call("GET", f"/downloads?{urlencode({'model': model})}")
-            job = parse_as(_Download, answer, context)
-        if job.state == "failed":
-            message = job.message or "the download failed"
-            permanent = any(mark in message for mark in _PERMANENT_DOWNLOAD_ERRORS)
-            raise BackendError(message, retryable=not permanent, context=context)
-        on_progress(100)
+        await follow_download(
+            self._api,
+            answer,
+            on_progress,
+            self._poll_interval,
+            _PERMANENT_DOWNLOAD_ERRORS,
+            context,
+        )
 
     async def load(self, request: LoadRequest) -> ResidentInfo:
         context = f"vllm load {request.key}"
