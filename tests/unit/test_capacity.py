@@ -34,7 +34,13 @@ from vram_operator.capacity.trace import (
     read_trace,
     write_trace,
 )
-from vram_operator.node_agent.eviction import EvictionConfig, Resident, coldest_first, keep_value
+from vram_operator.node_agent.eviction import (
+    EvictionConfig,
+    Resident,
+    coldest_first,
+    keep_value,
+    plan_room,
+)
 from vram_operator.node_agent.main import build_parser
 
 pytestmark = pytest.mark.unit
@@ -79,6 +85,9 @@ def trace(*requests: tuple[float, str]) -> Trace:
 #     tau 865.6 s): at 30 s a 1 x (e^(-30/tau) + e^(-10/tau)) = 1.954, b 2 x e^(-25/tau) = 1.943,
 #     so b goes; at 40 s a 1.932 against c 2 x e^(-10/tau) = 1.977: a goes: 16 s.
 #   ollama: a's keep-alive (10m) is shorter than b's (1h): a goes: 12 s.
+#   oracle-rate: the cost rule with the trace's true rates (40 s long: a and b 2/40, c 1/40):
+#     at 30 s a 1 x 0.05 x 4 s / 4 GiB = 0.05 against b 2 x 0.05 = 0.1: a goes; b is warm
+#     at 40 s: 12 s.
 #   offline: a is never asked for again: a goes: 12 s.
 TINY_MODELS = [
     ollama("a", 4, Priority.LOW, keep=600),
@@ -96,6 +105,7 @@ TINY_TRACE = trace((0, "a"), (5, "b"), (20, "a"), (30, "c"), (40, "b"))
         ("hybrid", 4, 1),
         ("cost", 4, 1),
         ("ollama", 3, 2),
+        ("oracle-rate", 3, 2),
         ("offline", 3, 2),
     ],
 )
@@ -166,6 +176,36 @@ def test_cost_policy_evicts_the_cheapest_to_bring_back_per_byte() -> None:
     assert keep_value(hot_small, now, config) == pytest.approx(1.0)
     critical = Resident("c", Priority.CRITICAL, GI, **common)
     assert keep_value(critical, now, config) == float("inf")
+
+
+def test_cost_policy_prices_a_victim_host_ram_cannot_take_at_its_reload() -> None:
+    now = 10_000.0
+    common: dict[str, Any] = {"state": ModelState.LOADED, "loaded_at": 0.0, "last_access": now}
+    parkable = Resident(
+        "p", Priority.NORMAL, 8 * GI, can_park=True, host_bytes=8 * GI, reload_seconds=30,
+        wake_seconds=1, request_rate=0.1, **common,
+    )  # fmt: skip
+    other = Resident("o", Priority.NORMAL, 8 * GI, reload_seconds=12, request_rate=0.1, **common)
+    config = EvictionConfig(policy="cost")
+
+    def plan(**host: Any) -> list[tuple[str, str]]:
+        room = plan_room(
+            [parkable, other], 8 * GI, 0, now, config, incoming_priority=Priority.NORMAL, **host
+        )
+        return [(a.key, a.kind) for a in room.actions]
+
+    # with room in host RAM p comes back in 1 s: 2 x 0.1 x 1 / 8 = 0.025 < o's 0.3, p is parked
+    assert plan() == [("p", "park")]
+    # without it p would be unloaded, 30 s to reload: 0.75 > 0.3, so o goes instead
+    assert plan(host_available_bytes=4 * GI) == [("o", "unload")]
+    assert plan(host_under_pressure=True) == [("o", "unload")]
+
+
+def test_oracle_rate_reads_the_true_rates_and_the_cost_rule() -> None:
+    sim = Simulation(cluster(10), TINY_MODELS, TINY_TRACE, "oracle-rate")
+    assert sim.config.policy == "cost"
+    assert sim.config.victim_order is None
+    assert sim.true_rate == pytest.approx([2 / 40, 2 / 40, 1 / 40])
 
 
 def test_cost_policy_without_rates_reads_recency() -> None:

@@ -58,10 +58,14 @@ from vram_operator.operator.placement import (
 from .cluster import ClusterSpec, SimModel
 from .trace import Trace, resolve
 
-BASELINES = ("ollama", "offline")
-"""Orders the simulator supplies through EvictionConfig.victim_order: Ollama's own rule
-(shortest keep-alive first, ties by name, blind to size and recency; server/sched.go
-findRunnerToUnload) and the offline reference (the model needed furthest ahead first)."""
+BASELINES = ("ollama", "oracle-rate", "offline")
+"""Policies only the simulator can run. `ollama` and `offline` are orders it supplies through
+EvictionConfig.victim_order: Ollama's own rule (shortest keep-alive first, ties by name, blind
+to size and recency; server/sched.go findRunnerToUnload) and the offline reference (the model
+needed furthest ahead first). `oracle-rate` is the agent's `cost` policy told each model's true
+mean request rate over the whole trace instead of the decayed online figure: what the cost
+rule could do with perfect knowledge of popularity but none of the future's order, which
+bounds what a better rate estimate could win."""
 
 POLICY_NAMES: tuple[str, ...] = (*POLICIES, *BASELINES)
 
@@ -197,6 +201,7 @@ class Simulation:
             trace, [m.key for m in self.models], [m.ref for m in self.models]
         )
         self.demand = _Demand(len(self.models), rate_half_life)
+        self.true_rate = self._true_rates() if policy == "oracle-rate" else None
         self.next_use = self._first_uses()
         self.next_time = self._next_times() if policy == "offline" else []
         self.config = self._config(policy)
@@ -245,6 +250,8 @@ class Simulation:
             return EvictionConfig(
                 min_residency_seconds=minimum, victim_order=lambda r, _now: (-keep[r.key],)
             )
+        if policy == "oracle-rate":
+            return EvictionConfig(policy="cost", min_residency_seconds=minimum)
         if policy == "offline":
             index, next_use = self.index, self.next_use
             return EvictionConfig(
@@ -259,6 +266,15 @@ class Simulation:
             if model >= 0 and math.isinf(first[model]):
                 first[model] = time
         return first
+
+    def _true_rates(self) -> list[float]:
+        """Each model's requests over the whole trace per second of it (for oracle-rate)."""
+        counts = [0] * len(self.models)
+        for model in self.requests:
+            if model >= 0:
+                counts[model] += 1
+        duration = max(self.trace.duration, 1.0)
+        return [count / duration for count in counts]
 
     def _next_times(self) -> list[float]:
         following = [math.inf] * len(self.requests)
@@ -347,7 +363,11 @@ class Simulation:
             host_bytes=model.vram_bytes,
             reload_seconds=self.cluster.load_seconds(node, model),
             wake_seconds=self.cluster.wake_seconds_for(node, model) if model.can_park else None,
-            request_rate=self.demand.rate(copy.model, now),
+            request_rate=(
+                self.demand.rate(copy.model, now)
+                if self.true_rate is None
+                else self.true_rate[copy.model]
+            ),
         )
 
     def _free(self, gpu: str, excluding: int | None = None) -> int:

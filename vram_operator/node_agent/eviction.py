@@ -25,16 +25,17 @@ function. GDSF keeps the object with the largest `L + frequency * cost / size`, 
 clock `L` rises with each eviction so that what was not used for a while ages out. Here the
 frequency is a request rate that decays with time (the caller's `request_rate`, or 1/idle when
 it has none), which does the clock's ageing without any state kept between calls; the cost
-is what bringing the model back costs (its wake time when it can be parked, else its load
-time), and the priority weights it as for `hybrid`. The model with the smallest
-`weight * rate * cost / size` goes first: rarely used, cheap to bring back, and large.
+is what bringing the model back costs (its wake time when it can be parked and host RAM can
+take it now, else its load time), and the priority weights it as for `hybrid`. The model with
+the smallest `weight * rate * cost / size` goes first: rarely used, cheap to bring back, and
+large.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, get_args
 
@@ -391,6 +392,19 @@ def _cover(candidates_coldest_first: list[Resident], deficit: int) -> list[Resid
     return chosen
 
 
+def _as_host_allows(
+    residents: list[Resident], *, host_under_pressure: bool, host_available_bytes: int | None
+) -> list[Resident]:
+    """The residents with `can_park` cleared where host RAM could not take them now, so the
+    `cost` policy prices such a victim at its reload, not at a wake it will never get."""
+
+    def parks(resident: Resident) -> bool:
+        room = math.inf if host_available_bytes is None else host_available_bytes
+        return not host_under_pressure and resident.host_bytes <= room
+
+    return [r if not r.can_park or parks(r) else replace(r, can_park=False) for r in residents]
+
+
 def _demote(
     victims: list[Resident],
     why: str,
@@ -436,7 +450,12 @@ def plan_room(
     deficit = needed_bytes - free_bytes
     if deficit <= 0:
         return RoomPlan(True, FITS, need)
-    candidates = coldest_first(_displaceable(everyone, now, config, incoming_priority), now, config)
+    displaceable = _as_host_allows(
+        _displaceable(everyone, now, config, incoming_priority),
+        host_under_pressure=host_under_pressure,
+        host_available_bytes=host_available_bytes,
+    )
+    candidates = coldest_first(displaceable, now, config)
     victims = _cover(candidates, deficit)
     freed = sum(r.vram_bytes for r in victims)
     if freed < deficit:
@@ -553,7 +572,12 @@ def plan_vram_pressure(
     )
     if excess <= 0:
         return PressurePlan(False, NO_PRESSURE, figures)
-    candidates = coldest_first((r for r in everyone if _frees_vram(r, now, config)), now, config)
+    freeing = _as_host_allows(
+        [r for r in everyone if _frees_vram(r, now, config)],
+        host_under_pressure=host_under_pressure,
+        host_available_bytes=host_available_bytes,
+    )
+    candidates = coldest_first(freeing, now, config)
     victims = _cover(candidates, excess)
     freed = sum(r.vram_bytes for r in victims)
     message = f"{figures}: {format_bytes(excess)} over, freeing {format_bytes(freed)}"
