@@ -7,10 +7,17 @@ import os
 from kubernetes import client, config
 
 
-def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """An ApiClient from --kubeconfig, $KUBECONFIG, or the pod's service account."""
+def api_client(kubeconfig: str | None = None, connections: int | None = None) -> client.ApiClient:
+    """An ApiClient from --kubeconfig, $KUBECONFIG, or the pod's service account.
+
+    `connections`: the most requests in flight at once (urllib3 keeps that many connections;
+    the client's default is 5 per core, and a caller beyond that waits for one to free up).
+    """
+    configuration = client.Configuration()
+    if connections is not None:
+        configuration.connection_pool_maxsize = connections
     path = kubeconfig or os.environ.get("KUBECONFIG")
     if path:
-        return config.new_client_from_config(config_file=path)
-    config.load_incluster_config()
-    return client.ApiClient()
+        return config.new_client_from_config(config_file=path, client_configuration=configuration)
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.integration
 
 TOTAL = 24 * GIB
 FAKE_VLLM = shlex.join([sys.executable, "-m", "vram_operator.simulation.fake_vllm", "serve"])
-FAKE_DOWNLOAD = shlex.join([sys.executable, "-m", "vram_operator.simulation.fake_vllm", "download"])
+FAKE_DOWNLOAD = shlex.join([sys.executable, "-m", "vram_operator.simulation.fake_hf_download"])
 START_TIMEOUT = 30.0
 
 

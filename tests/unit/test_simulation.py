@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
-from vram_operator.simulation import fake_vllm
+from vram_operator.simulation import fake_hf_download, fake_vllm
 from vram_operator.simulation.fake_ollama import (
     DEFAULT_CATALOG,
     GENERIC,
@@ -593,7 +593,7 @@ def test_vllm_fake_download_leaves_a_model_in_the_hub_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = {"HF_HOME": str(tmp_path)}
-    assert fake_vllm.download("Qwen/Qwen2.5-0.5B-Instruct", env) == 0
+    assert fake_hf_download.download("Qwen/Qwen2.5-0.5B-Instruct", env) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[-2]["completedBytes"] == lines[-2]["totalBytes"] > 0
     snapshot = Path(lines[-1]["path"])
@@ -601,7 +601,7 @@ def test_vllm_fake_download_leaves_a_model_in_the_hub_cache(
     assert snapshot.parent.parent / "refs" / "main" == (
         tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct" / "refs" / "main"
     )
-    assert fake_vllm.download("missing/model", env) == 1
+    assert fake_hf_download.download("missing/model", env) == 1
     assert "RepositoryNotFoundError" in capsys.readouterr().err
 
 

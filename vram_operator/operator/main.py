@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
@@ -24,6 +25,9 @@ from .metrics import OperatorMetrics
 from .placement import PlacementConfig
 from .service import OperatorConfig, OperatorService
 from .storage import ClusterStore
+
+EVENT_SENDERS = 2
+"""Tasks posting Events (`ClusterStore.send_events`), beside the reconcile workers."""
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,12 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's login handler reads it too
-    client = api_client(args.kubeconfig)
+    # Every Kubernetes call runs in a thread (the client blocks): enough threads and pooled
+    # connections for every worker, event sender and housekeeping loop to wait on the API
+    # server at once, not the default pool's cores + 4.
+    calls = max(1, args.workers) + EVENT_SENDERS + 4
+    loop.set_default_executor(ThreadPoolExecutor(calls, thread_name_prefix="kubernetes"))
+    client = api_client(args.kubeconfig, connections=calls)
     metrics = OperatorMetrics()
     runner = None
     if args.metrics_port:
@@ -115,7 +124,8 @@ async def _run(args: argparse.Namespace) -> int:
             demand_interval=args.demand_interval,
         )
         demand = DemandReader(args.gateway_demand_url) if args.gateway_demand_url else None
-        service = OperatorService(ClusterStore(client), config, metrics, demand=demand)
+        store = ClusterStore(client)
+        service = OperatorService(store, config, metrics, demand=demand)
         await service.start()
         stopping = asyncio.Event()
         # No stop_flag for kopf: it stops itself on SIGTERM and SIGINT (it takes those signals
@@ -131,6 +141,7 @@ async def _run(args: argparse.Namespace) -> int:
         )
         workers = [asyncio.create_task(service.work(stopping)) for _ in range(config.workers)]
         workers.append(asyncio.create_task(service.watch_heartbeats(stopping)))
+        workers += [asyncio.create_task(store.send_events()) for _ in range(EVENT_SENDERS)]
         if demand is not None:  # a task that ends would end the operator (FIRST_COMPLETED)
             workers.append(asyncio.create_task(service.watch_demand(stopping)))
         tasks = [handlers, *workers, asyncio.create_task(elector.keep(stopping))]

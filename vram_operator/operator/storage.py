@@ -31,6 +31,10 @@ from vram_operator.api.modelpolicy import ModelPolicy, ModelPolicyStatus
 log = logging.getLogger(__name__)
 
 
+EVENTS = 1000
+"""Events queued for the senders at most; more are dropped (a burst's transitions fit)."""
+
+
 class Store(Protocol):
     """What the operator's service needs from the cluster; `ClusterStore` is the one real
     implementation, and the unit tests run the service over an in-memory one."""
@@ -62,6 +66,7 @@ class ClusterStore:
     def __init__(self, api_client: client.ApiClient) -> None:
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._events: asyncio.Queue[tuple[str, client.CoreV1Event]] = asyncio.Queue(EVENTS)
 
     async def list_gpunodes(self) -> list[GPUNode]:
         raw = await asyncio.to_thread(
@@ -194,9 +199,12 @@ class ClusterStore:
         return items
 
     async def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Record a core/v1 Event on the object, as `kubectl describe` shows them.
+        """Queue a core/v1 Event on the object, as `kubectl describe` shows them.
 
-        Events are best effort: a failure is logged, never raised into a reconcile.
+        Best effort and off the reconcile's path, as client-go's recorder sends them: the
+        senders (`send_events`) post it; a full queue drops it with a warning. Waiting for
+        each Event in the reconcile put one more API round trip per transition in front of
+        every object still queued behind it.
         """
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
@@ -221,9 +229,25 @@ class ClusterStore:
             reporting_component="vram.dev/operator",
         )
         try:
-            await asyncio.to_thread(self._core.create_namespaced_event, namespace, event)
-        except ApiException as exc:
-            log.warning("could not record event %s on %s: %s", reason, meta["name"], exc.reason)
+            self._events.put_nowait((namespace, event))
+        except asyncio.QueueFull:
+            log.warning("dropped event %s on %s: %d events queued", reason, meta["name"], EVENTS)
+
+    async def send_events(self) -> None:
+        """Post queued Events until cancelled; run a few of these beside the workers."""
+        while True:
+            namespace, event = await self._events.get()
+            try:
+                await asyncio.to_thread(self._core.create_namespaced_event, namespace, event)
+            except ApiException as exc:
+                log.warning(
+                    "could not record event %s on %s: %s",
+                    event.reason,
+                    event.involved_object.name,
+                    exc.reason,
+                )
+            except Exception:  # a connection error: an Event is not worth a dead sender
+                log.exception("could not record event %s", event.reason)
 
     async def write_status(self, namespace: str, name: str, status: ModelDeploymentStatus) -> bool:
         """Merge-patch the status subresource; False when the object is gone."""

@@ -37,11 +37,7 @@ Switches, from the environment: VRAM_SIM_VLLM_STARTUP_SECONDS (time to start, ho
 memory, before it listens), VRAM_SIM_VLLM_REQUEST_SECONDS (time each completion takes) and
 VRAM_SIM_VLLM_FAIL=1 (engine start-up fails after the start-up time, exit 1).
 
-`python -m vram_operator.simulation.fake_vllm download MODEL` stands in for the supervisor's
-download command (`vram_operator.node_agent.vllm_download`): after
-VRAM_SIM_VLLM_DOWNLOAD_SECONDS it leaves a small safetensors model with a config.json in the
-Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub), printing the same JSON progress lines.
-A model named `missing/...` fails as a repository that does not exist.
+The supervisor's download command is faked by `vram_operator.simulation.fake_hf_download`.
 
 SIGTERM or SIGINT frees its memory. At start it frees what an earlier process on the same port
 left (one killed with SIGKILL): a real GPU returns a dead process's memory.
@@ -58,12 +54,10 @@ import json
 import math
 import os
 import socket
-import struct
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -658,8 +652,6 @@ def _parser() -> argparse.ArgumentParser:
         serve_command.add_argument(flag)
     for flag in _SWITCHES:
         serve_command.add_argument(flag, action="store_true")
-    download = commands.add_parser("download", help="put a small model in the HF cache")
-    download.add_argument("model")
     return parser
 
 
@@ -716,8 +708,6 @@ def _dashes(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run like `vllm serve` until SIGTERM or SIGINT; 1 when start-up fails, 2 for bad flags."""
     args = _parser().parse_args(_dashes(sys.argv[1:] if argv is None else argv))
-    if args.command == "download":
-        return download(args.model)
     state = os.environ.get("VRAM_SIM_GPU_STATE")
     if not state:
         print("fake vllm: VRAM_SIM_GPU_STATE must name the simulated GPU state", file=sys.stderr)
@@ -780,73 +770,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         fake.release()
         sock.close()
-
-
-# --- download ---------------------------------------------------------------------------------
-
-FAKE_CONFIG: Json = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "max_position_embeddings": 4096,
-    "vocab_size": 1000,
-    "torch_dtype": "bfloat16",
-}
-"""The config.json of every downloaded fake model: a tiny Qwen2-shaped transformer."""
-
-
-def hub_cache(environment: Mapping[str, str]) -> Path:
-    """Where Hugging Face keeps downloads: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface."""
-    if environment.get("HF_HUB_CACHE"):
-        return Path(environment["HF_HUB_CACHE"])
-    home = environment.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-    return Path(home) / "hub"
-
-
-def download(model: str, environment: Mapping[str, str] | None = None) -> int:
-    """Leave `model` in the Hugging Face cache's layout (models--org--name/refs/main,
-    snapshots/<revision>/...), printing `{"completedBytes", "totalBytes"}` lines, then
-    `{"path"}`; 1 with the hub's message for a model under `missing/`."""
-    environment = os.environ if environment is None else environment
-    if model.startswith("missing/"):
-        print(
-            f"huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. "
-            f"Repository Not Found for url: https://huggingface.co/api/models/{model}",
-            file=sys.stderr,
-        )
-        return 1
-    weights = 1000 * 64 * 2
-    header = {
-        "model.embed_tokens.weight": {
-            "dtype": "BF16",
-            "shape": [1000, 64],
-            "data_offsets": [0, weights],
-        }
-    }
-    raw = json.dumps(header).encode()
-    blob = struct.pack("<Q", len(raw)) + raw + b"\0" * weights
-    total = len(blob)
-    seconds = _seconds("VRAM_SIM_VLLM_DOWNLOAD_SECONDS")
-    steps = 4
-    for step in range(steps):
-        print(
-            json.dumps({"completedBytes": total * step // steps, "totalBytes": total}), flush=True
-        )
-        time.sleep(seconds / steps)
-    revision = hashlib.sha1(model.encode()).hexdigest()
-    repo = hub_cache(environment) / ("models--" + model.replace("/", "--"))
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (snapshot / "config.json").write_text(json.dumps(FAKE_CONFIG))
-    (snapshot / "model.safetensors").write_bytes(blob)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
-    print(json.dumps({"completedBytes": total, "totalBytes": total}), flush=True)
-    print(json.dumps({"path": str(snapshot)}), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ class SimulatedNode:
             "--simulate-gpus",
             str(self.gpu_state),
             "--download-command",
-            f"{fake_vllm} download",
+            f"{shlex.quote(sys.executable)} -m vram_operator.simulation.fake_hf_download",
             "--serve-port",
             str(free_port()),
         ]
