@@ -88,6 +88,8 @@ def trace(*requests: tuple[float, str]) -> Trace:
 #   oracle-rate: the cost rule with the trace's true rates (40 s long: a and b 2/40, c 1/40):
 #     at 30 s a 1 x 0.05 x 4 s / 4 GiB = 0.05 against b 2 x 0.05 = 0.1: a goes; b is warm
 #     at 40 s: 12 s.
+#   oracle-lfu: true rates alone: at 30 s a and b tie at 2/40, b idle longer goes; at 40 s
+#     c (1/40) goes for b: 16 s.
 #   offline: a is never asked for again: a goes: 12 s.
 TINY_MODELS = [
     ollama("a", 4, Priority.LOW, keep=600),
@@ -106,6 +108,7 @@ TINY_TRACE = trace((0, "a"), (5, "b"), (20, "a"), (30, "c"), (40, "b"))
         ("cost", 4, 1),
         ("ollama", 3, 2),
         ("oracle-rate", 3, 2),
+        ("oracle-lfu", 4, 1),
         ("offline", 3, 2),
     ],
 )
@@ -263,6 +266,7 @@ def test_no_state_overcommits_a_gpu_or_evicts_a_critical_model(
     sim = Simulation(spec, models, requests, policy, record_events=True)
     result = sim.run()
     critical = {m.key for m in models if m.priority is Priority.CRITICAL}
+    by_key = {m.key: m for m in models}
     held: dict[str, dict[str, int]] = {}
     for event in result.events:
         on_gpu = held.setdefault(event.gpu, {})
@@ -274,9 +278,22 @@ def test_no_state_overcommits_a_gpu_or_evicts_a_critical_model(
             assert event.key not in critical, f"{event.key} is critical and was evicted"
             del on_gpu[event.key]
     assert (result.overcommits, result.critical_evictions) == (0, 0)
+    # every request is counted once: warm, waiting on a load, the one that started it, unserved
     assert (
         result.warm + result.waited + result.cold_starts + result.wakes + result.unserved
-        >= result.requests
+        == result.requests
+    )
+    # and the cold-load seconds are those of its loads and wakes; the critical models placed
+    # before the trace (the first events, not cold starts) took none
+    preloaded = sum(e.kind == "load" for e in result.events) - result.cold_starts
+    assert result.cold_load_seconds == pytest.approx(
+        sum(
+            spec.load_seconds(spec.nodes[0], by_key[e.key])
+            if e.kind == "load"
+            else spec.wake_seconds_for(spec.nodes[0], by_key[e.key])
+            for e in result.events[preloaded:]
+            if e.kind in ("load", "wake")
+        )
     )
 
 

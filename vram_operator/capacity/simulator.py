@@ -45,6 +45,7 @@ from vram_operator.node_agent.eviction import (
     RoomPlan,
     coldest_first,
     is_evictable,
+    last_used,
     plan_room,
 )
 from vram_operator.operator.placement import (
@@ -58,14 +59,16 @@ from vram_operator.operator.placement import (
 from .cluster import ClusterSpec, SimModel
 from .trace import Trace, resolve
 
-BASELINES = ("ollama", "oracle-rate", "offline")
+BASELINES = ("ollama", "oracle-rate", "oracle-lfu", "offline")
 """Policies only the simulator can run. `ollama` and `offline` are orders it supplies through
 EvictionConfig.victim_order: Ollama's own rule (shortest keep-alive first, ties by name, blind
 to size and recency; server/sched.go findRunnerToUnload) and the offline reference (the model
 needed furthest ahead first). `oracle-rate` is the agent's `cost` policy told each model's true
 mean request rate over the whole trace instead of the decayed online figure: what the cost
 rule could do with perfect knowledge of popularity but none of the future's order, which
-bounds what a better rate estimate could win."""
+bounds what a better rate estimate could win. `oracle-lfu` evicts the model with the lowest
+true rate (ties: longest idle), blind to size and cost: on independent requests with known
+popularity that is the classic best online order (A0) for equal sizes."""
 
 POLICY_NAMES: tuple[str, ...] = (*POLICIES, *BASELINES)
 
@@ -201,7 +204,7 @@ class Simulation:
             trace, [m.key for m in self.models], [m.ref for m in self.models]
         )
         self.demand = _Demand(len(self.models), rate_half_life)
-        self.true_rate = self._true_rates() if policy == "oracle-rate" else None
+        self.true_rate = self._true_rates() if policy.startswith("oracle-") else None
         self.next_use = self._first_uses()
         self.next_time = self._next_times() if policy == "offline" else []
         self.config = self._config(policy)
@@ -233,6 +236,12 @@ class Simulation:
         self.host_used = [0] * len(cluster.nodes)
         self.last_access = [0.0] * len(self.models)
         self.held = 0
+        self.used = dict.fromkeys(self.room, 0)
+        """Bytes held per GPU, kept with on_gpu."""
+        self._residents: dict[int, tuple[_Copy, Resident]] = {}
+        """Residents built at `_residents_at`, by model: every figure in one is fixed for a
+        copy at one moment, except a request's, which drops its model's entry."""
+        self._residents_at = -math.inf
         self.result = Result(
             policy=policy,
             capacity_bytes=sum(g.total_bytes for gpus in self.gpus for g in gpus),
@@ -252,6 +261,12 @@ class Simulation:
             )
         if policy == "oracle-rate":
             return EvictionConfig(policy="cost", min_residency_seconds=minimum)
+        if policy == "oracle-lfu" and self.true_rate is not None:
+            index, rate = self.index, self.true_rate
+            return EvictionConfig(
+                min_residency_seconds=minimum,
+                victim_order=lambda r, now: (-rate[index[r.key]], now - last_used(r)),
+            )
         if policy == "offline":
             index, next_use = self.index, self.next_use
             return EvictionConfig(
@@ -349,6 +364,17 @@ class Simulation:
         return cached
 
     def _resident(self, copy: _Copy, now: float) -> Resident:
+        if now != self._residents_at:
+            self._residents.clear()
+            self._residents_at = now
+        known = self._residents.get(copy.model)
+        if known is not None and known[0] is copy:
+            return known[1]
+        resident = self._new_resident(copy, now)
+        self._residents[copy.model] = (copy, resident)
+        return resident
+
+    def _new_resident(self, copy: _Copy, now: float) -> Resident:
         model = self.models[copy.model]
         node = self.cluster.nodes[copy.node]
         loaded = copy.ready_at <= now
@@ -364,14 +390,16 @@ class Simulation:
             reload_seconds=self.cluster.load_seconds(node, model),
             wake_seconds=self.cluster.wake_seconds_for(node, model) if model.can_park else None,
             request_rate=(
-                self.demand.rate(copy.model, now)
-                if self.true_rate is None
-                else self.true_rate[copy.model]
+                self.true_rate[copy.model]
+                if self.policy == "oracle-rate" and self.true_rate is not None
+                else self.demand.rate(copy.model, now)
             ),
         )
 
     def _free(self, gpu: str, excluding: int | None = None) -> int:
-        return self.room[gpu] - sum(c.hold for m, c in self.on_gpu[gpu].items() if m != excluding)
+        free = self.room[gpu] - self.used[gpu]
+        copy = self.on_gpu[gpu].get(excluding) if excluding is not None else None
+        return free if copy is None else free + copy.hold
 
     # ---- residency changes ------------------------------------------------------------------
 
@@ -384,6 +412,7 @@ class Simulation:
         del self.on_gpu[copy.gpu][copy.model]
         del self.assignments[copy.node][self.models[copy.model].key]
         self.held -= copy.hold
+        self.used[copy.gpu] -= copy.hold
 
     def _occupy(self, copy: _Copy, time: float, kind: EventKind) -> None:
         if copy.hold > self._free(copy.gpu):
@@ -393,6 +422,7 @@ class Simulation:
             copy.model, copy.gpu
         )
         self.held += copy.hold
+        self.used[copy.gpu] += copy.hold
         self.where[copy.model] = copy
         self._event(time, kind, copy)
 
@@ -471,6 +501,7 @@ class Simulation:
             if offline:
                 self.next_use[model] = self.next_time[i]
             self.last_access[model] = now
+            self._residents.pop(model, None)
             copy = self.where.get(model)
             if copy is not None and copy.state is not ModelState.SLEEPING:
                 if copy.ready_at <= now:
@@ -527,24 +558,32 @@ class Simulation:
             for gpu, copies in self.on_gpu.items()
         }
 
-    def _may_fit(self, model: int, reclaimable: dict[str, list[tuple[int, int]]]) -> bool:
+    def _may_fit(
+        self,
+        model: int,
+        reclaimable: dict[str, list[tuple[int, int]]],
+        sums: dict[tuple[str, int], int],
+    ) -> bool:
         """Whether some GPU could take it, counting what its priority may displace there (a
-        quick test before asking placement and eviction, which decide)."""
+        quick test before asking placement and eviction, which decide). `sums` keeps the
+        reclaimable bytes per (GPU, rank) for one pass over the waiting models."""
         rank = self.models[model].priority.rank
-        return (
-            any(
-                self._free(gpu, model) + sum(h for r, h in reclaimable[gpu] if r <= rank)
-                >= self._footprint(model, gpu)
-                for gpu in self.eligible[model]
-            )
-            or rank >= Priority.HIGH.rank
-        )
+        if rank >= Priority.HIGH.rank:
+            return True
+        for gpu in self.eligible[model]:
+            held = sums.get((gpu, rank))
+            if held is None:
+                held = sums[(gpu, rank)] = sum(h for r, h in reclaimable[gpu] if r <= rank)
+            if self._free(gpu, model) + held >= self._footprint(model, gpu):
+                return True
+        return False
 
     def _retry(self, until: float) -> None:
         """Serve waiting requests at each moment room may have appeared, up to `until`."""
         while self.pending and self.retry_at <= until:
             now = self.retry_at
             reclaimable = self._reclaimable(now)
+            sums: dict[tuple[str, int], int] = {}
             for model in list(self.pending):
                 arrivals = self.pending[model]
                 live = [a for a in arrivals if a + self.max_wait > now]
@@ -553,7 +592,7 @@ class Simulation:
                     del self.pending[model]
                     continue
                 self.pending[model] = live
-                if not self._may_fit(model, reclaimable) and model not in self.where:
+                if not self._may_fit(model, reclaimable, sums) and model not in self.where:
                     continue
                 if self._bring(model, now):
                     ready = self.where[model].ready_at
