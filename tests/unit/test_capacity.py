@@ -154,6 +154,15 @@ def test_a_parked_model_wakes_on_its_gpu() -> None:
     assert result.latencies[-1] == pytest.approx(wake)
 
 
+def test_a_low_model_that_may_displace_nothing_is_unserved_and_named() -> None:
+    # n (normal, 8 GiB) holds the 10 GiB GPU; l (low, 4 GiB) may not displace it: both of its
+    # requests wait 600 s and are given up, whatever the policy.
+    models = [ollama("n", 8), ollama("l", 4, Priority.LOW)]
+    result = Simulation(cluster(10), models, trace((0, "n"), (10, "l"), (20, "l")), "cost").run()
+    assert (result.cold_starts, result.unserved) == (1, 2)
+    assert result.unserved_by_model == {"default.l": 2}
+
+
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(SimulationError, match="not one of"):
         Simulation(cluster(10), TINY_MODELS, TINY_TRACE, "fifo")
@@ -278,6 +287,7 @@ def test_no_state_overcommits_a_gpu_or_evicts_a_critical_model(
             assert event.key not in critical, f"{event.key} is critical and was evicted"
             del on_gpu[event.key]
     assert (result.overcommits, result.critical_evictions) == (0, 0)
+    assert sum(result.unserved_by_model.values()) == result.unserved
     # every request is counted once: warm, waiting on a load, the one that started it, unserved
     assert (
         result.warm + result.waited + result.cold_starts + result.wakes + result.unserved

@@ -113,6 +113,8 @@ class Result:
     preemptions: int = 0
     critical_evictions: int = 0
     unserved: int = 0
+    unserved_by_model: dict[str, int] = field(default_factory=dict)
+    """The unserved requests by model key."""
     overcommits: int = 0
     latencies: list[float] = field(default_factory=list)
     """Non-zero added latencies of served requests (the rest added none)."""
@@ -521,8 +523,8 @@ class Simulation:
                 self.retry_at = min(self.retry_at, self._next_change(now))
         end = (times[-1] if times else 0.0) + self.max_wait
         self._retry(end)
-        for arrivals in self.pending.values():
-            result.unserved += len(arrivals)
+        for model, arrivals in self.pending.items():
+            self._give_up(model, len(arrivals))
         self.pending.clear()
         result.samples.append((self.trace.duration, self.held))
         result.wall_seconds = wallclock.perf_counter() - started
@@ -578,6 +580,12 @@ class Simulation:
                 return True
         return False
 
+    def _give_up(self, model: int, count: int) -> None:
+        if count:
+            key = self.models[model].key
+            self.result.unserved += count
+            self.result.unserved_by_model[key] = self.result.unserved_by_model.get(key, 0) + count
+
     def _retry(self, until: float) -> None:
         """Serve waiting requests at each moment room may have appeared, up to `until`."""
         while self.pending and self.retry_at <= until:
@@ -587,7 +595,7 @@ class Simulation:
             for model in list(self.pending):
                 arrivals = self.pending[model]
                 live = [a for a in arrivals if a + self.max_wait > now]
-                self.result.unserved += len(arrivals) - len(live)
+                self._give_up(model, len(arrivals) - len(live))
                 if not live:
                     del self.pending[model]
                     continue
