@@ -257,6 +257,18 @@ def _kubeconfig_text(server: str, ca_file: Path, token: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
+def _memory_dir() -> str | None:
+    """Where a throw-away control plane keeps its state: /dev/shm when it is a writable tmpfs.
+
+    etcd syncs its log to disk on every write; on a shared test machine whose disk is busy
+    those syncs queued every API request behind them (~150 ms per etcd read or write in a
+    300-model burst, with the CPUs half idle). A temporary cluster needs no durability, so
+    its etcd lives in memory; a `state_dir` the caller keeps stays where it is asked to be.
+    """
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 class LocalControlPlane:
     """etcd + kube-apiserver on free loopback ports, as a context manager.
 
@@ -453,7 +465,7 @@ class LocalControlPlane:
             self.state_dir = self._requested_state_dir.resolve()
             self.state_dir.mkdir(parents=True, exist_ok=True)
         else:
-            self.state_dir = Path(tempfile.mkdtemp(prefix="vram-controlplane-"))
+            self.state_dir = Path(tempfile.mkdtemp(prefix="vram-controlplane-", dir=_memory_dir()))
             self._owns_state_dir = True
         state = self.state_dir
 

@@ -107,7 +107,7 @@ class OperatorConfig:
     """The agents' --min-free; the operator never promises that, plus slack, on any GPU
     (`vram_operator.api.budget.reserve_bytes`)."""
     stale_check_seconds: float = 1.0
-    workers: int = 8
+    workers: int = 16
     """Reconciles running at once (different objects; one object is never run twice at once)."""
     avoid_seconds: float = 30.0
     """How long a node that could not load a replica is not offered that model again."""

@@ -24,6 +24,13 @@ from typing import IO
 from .gpu import SimulatedGPUs
 
 GiB = 2**30
+BACKEND_NICENESS = 10
+"""The backends of a simulated node (fake Ollama, the vLLM supervisor and its fake vLLM
+servers, the diffusion server) run at this niceness. They stand for another machine's work:
+on a shared test machine they yield the CPU to the control plane (API server, etcd, the
+operator) and to the agents, whose heartbeats the operator judges nodes by, as a GPU node's
+own CPUs never take it from them. At equal priority, ten nodes' fake vLLM start-ups (~0.7 CPU
+s each) starve the API server and stall heartbeats past their grace."""
 _LISTENING = re.compile(r"listening on (http://[0-9.]+:[0-9]+)")
 
 
@@ -38,10 +45,16 @@ class ManagedProcess:
     """A child process with its output in a log file, stopped by pid."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None,
+        niceness: int = 0,
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.niceness = niceness
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,8 +62,10 @@ class ManagedProcess:
 
     def start(self) -> None:
         self._log = self.log_path.open("ab")
+        # nice(1) execs the program: the pid stays the program's. Children inherit it.
+        nice = ["nice", "-n", str(self.niceness)] if self.niceness else []
         self.proc = subprocess.Popen(
-            self.argv,
+            [*nice, *self.argv],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -160,6 +175,7 @@ class SimulatedNode:
                 self.supervisor_argv(port),
                 self.dir / "vllm-supervisor.log",
                 self.env,
+                BACKEND_NICENESS,
             )
             self.supervisor.start()
             self.supervisor_url = f"http://127.0.0.1:{port}"
@@ -215,6 +231,7 @@ class SimulatedNode:
             ],
             self.dir / "diffusion-server.log",
             self.env,
+            BACKEND_NICENESS,
         )
         self.diffusion_server.start()
         self.diffusion_server.wait_for_line(_LISTENING)
@@ -239,6 +256,7 @@ class SimulatedNode:
             ],
             self.dir / "ollama.log",
             self.env,
+            BACKEND_NICENESS,
         )
         self.ollama.start()
         self.ollama.wait_for_line(_LISTENING)
