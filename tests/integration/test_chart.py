@@ -10,6 +10,7 @@ proves is that they pass API validation and that their ServiceAccounts' rights a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import secrets
@@ -24,8 +25,11 @@ import pytest
 import yaml
 from kubernetes import client
 
+from vram_operator.api import GROUP, VERSION, GPUNodeStatus, now
 from vram_operator.cli import COMPONENTS
 from vram_operator.localcluster import INSTALL_HINT, LocalControlPlane, cache_bin_dir
+from vram_operator.node_agent.storage import GPUNodeStore
+from vram_operator.operator.storage import ClusterStore
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -520,6 +524,7 @@ OPERATOR_MAY = [
     ("watch", "modeldeployments.vram.dev", ["--all-namespaces"]),
     ("update", "modeldeployments.vram.dev", ["--subresource=finalizers", "-n", "team-a"]),
     ("watch", "gpunodes.vram.dev", []),
+    ("create", "gpunodes.vram.dev", []),  # one per Node the agent DaemonSet selects
     ("patch", "gpunodes.vram.dev", []),
     ("delete", "gpunodes.vram.dev", []),
     ("patch", "gpunodes.vram.dev", ["--subresource=status"]),  # Ready=Unknown when lost
@@ -544,11 +549,11 @@ OPERATOR_MAY_NOT = [
 AGENT_MAY = [
     ("update", "gpunodes.vram.dev", ["--subresource=status"]),
     ("patch", "gpunodes.vram.dev", ["--subresource=status"]),
-    ("create", "gpunodes.vram.dev", []),
     ("watch", "gpunodes.vram.dev", []),
     ("get", "nodes", []),
 ]
 AGENT_MAY_NOT = [
+    ("create", "gpunodes.vram.dev", []),  # the operator's: a node could make up others
     ("patch", "modeldeployments.vram.dev", ["-n", "team-a"]),
     ("patch", "modeldeployments.vram.dev", ["--subresource=status", "-n", "team-a"]),
     ("patch", "gpunodes.vram.dev", []),  # spec.assignments is the operator's
@@ -1020,3 +1025,40 @@ def test_diffusion_sidecar_is_off_by_default_and_complete_when_on(helm: Helm) ->
     policy = _find(docs, "NetworkPolicy")
     serving = policy["spec"]["ingress"][0]
     assert sorted(p["port"] for p in serving["ports"]) == [8000, 8951, 11434]
+
+
+def test_an_agent_with_the_charts_rights_waits_for_the_operators_gpunode(
+    k8s_client: client.ApiClient, default_release: Release
+) -> None:
+    """The agent may not create a GPUNode (a node could make up others); the operator
+    (--gpu-node-selector, from agent.nodeSelector) creates it, and the agent reports into it."""
+    node = f"gpu-{secrets.token_hex(3)}"
+    as_agent = client.ApiClient(
+        configuration=k8s_client.configuration,
+        header_name="Impersonate-User",
+        header_value=default_release.service_account("agent"),
+    )
+    store = GPUNodeStore(as_agent, node)
+    assert store.ensure() is None  # 403: not the agent's to create
+    custom = client.CustomObjectsApi(k8s_client)
+    with pytest.raises(client.ApiException) as refused:
+        client.CustomObjectsApi(as_agent).create_cluster_custom_object(
+            GROUP, VERSION, "gpunodes", {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GPUNode",
+                                         "metadata": {"name": node}, "spec": {}}
+        )  # fmt: skip
+    assert refused.value.status == 403
+    as_operator = client.ApiClient(
+        configuration=k8s_client.configuration,
+        header_name="Impersonate-User",
+        header_value=default_release.service_account("operator"),
+    )
+    try:
+        asyncio.run(ClusterStore(as_operator).create_gpunode(node))
+        found = store.ensure()
+        assert found is not None
+        assert found.metadata["name"] == node
+        status = GPUNodeStatus(last_heartbeat_time=now(), agent_version="test", gpu_count=0)
+        assert store.write_status(status) == 0
+        assert custom.get_cluster_custom_object(GROUP, VERSION, "gpunodes", node)["status"]
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "gpunodes", node)

@@ -3,6 +3,7 @@ displaced models and deletions, decided and written as the API server would see 
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from vram_operator.api import (
     ResidentModel,
 )
 from vram_operator.api.modelpolicy import ModelPolicy, ModelPolicyStatus
+from vram_operator.operator.main import build_parser, label_selector
 from vram_operator.operator.metrics import OperatorMetrics
 from vram_operator.operator.placement import PlacementConfig
 from vram_operator.operator.service import OperatorConfig, OperatorService
@@ -44,15 +46,22 @@ class MemoryStore:
         self.events: list[tuple[str, str]] = []
         self.policy_status: dict[str, ModelPolicyStatus] = {}
         self.refuse_writes = False
+        self.node_labels: dict[str, dict[str, str]] = {}
+        """Nodes with no GPUNode (yet), by name, with their labels."""
+        self.created: list[str] = []
 
     async def list_gpunodes(self) -> list[GPUNode]:
         return list(self.gpunodes.values())
 
     async def list_nodes(self) -> dict[str, client.V1Node]:
+        labels = {**{name: {} for name in self.gpunodes}, **self.node_labels}
         return {
-            name: client.V1Node(metadata=client.V1ObjectMeta(name=name, labels={}))
-            for name in self.gpunodes
+            name: client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=found))
+            for name, found in labels.items()
         }
+
+    async def create_gpunode(self, node: str) -> None:
+        self.created.append(node)
 
     async def list_deployments(self) -> list[dict[str, Any]]:
         return list(self.deployments.values())
@@ -375,3 +384,46 @@ async def test_a_write_that_raises_releases_what_it_reserved() -> None:
     svc.mark("ns", "other")
     await svc._guarded("ns", "other")
     assert store.assigned("a") == {"ns.other"}  # the 6Gi the failed write held were released
+
+
+async def test_the_operator_creates_the_gpunodes_of_the_nodes_its_selector_picks() -> None:
+    store, clock = MemoryStore(), Clock()
+    gpu = {"nvidia.com/gpu.present": "true"}
+    store.add_node("has-one")
+    store.node_labels = {"has-one": gpu, "gpu": gpu, "cpu": {}}
+    config = OperatorConfig(gpu_node_selector=gpu)
+    svc = OperatorService(store, config, OperatorMetrics(), clock=clock)
+    await svc.start()
+    assert store.created == ["gpu"]  # not the CPU node, not the one that has its GPUNode
+    await svc._ensure_gpunodes()
+    assert store.created == ["gpu"]  # asked once: its watch event is due
+    svc._created.clear()  # ... and did not come in time: asked again
+    await svc._ensure_gpunodes()
+    assert store.created == ["gpu", "gpu"]
+    svc.observe_gpunode(None, "has-one")  # deleted while its Node lives: created again
+    await svc._ensure_gpunodes()
+    assert store.created == ["gpu", "gpu", "has-one"]
+    svc._created.clear()
+    svc.observe_node(None, "gpu")  # the Node is gone: nothing to create for it
+    svc.observe_gpunode(None, "has-one")
+    await svc._ensure_gpunodes()
+    assert store.created == ["gpu", "gpu", "has-one", "has-one"]
+
+
+async def test_without_a_selector_the_operator_creates_no_gpunode() -> None:
+    store, clock = MemoryStore(), Clock()
+    store.node_labels = {"gpu": {"nvidia.com/gpu.present": "true"}}
+    svc = OperatorService(store, OperatorConfig(), OperatorMetrics(), clock=clock)
+    await svc.start()
+    await svc._ensure_gpunodes()
+    assert store.created == []
+
+
+def test_the_gpu_node_selector_flag_reads_equalities_and_names_a_bad_item() -> None:
+    parser = build_parser()
+    assert parser.parse_args([]).gpu_node_selector is None
+    assert parser.parse_args(["--gpu-node-selector", ""]).gpu_node_selector == {}
+    given = parser.parse_args(["--gpu-node-selector", "a=1, nvidia.com/gpu.present=true"])
+    assert given.gpu_node_selector == {"a": "1", "nvidia.com/gpu.present": "true"}
+    with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not KEY=VALUE"):
+        label_selector("a=1,gpu")

@@ -9,6 +9,7 @@ same free memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
@@ -60,6 +61,8 @@ def same_model(kind: Backend, a: str, b: str) -> bool:
     return same_ollama_model(a, b) if kind is Backend.OLLAMA else a == b
 
 
+GPUNODE_WAIT_SECONDS = 2.0
+"""How often an agent that may not create its GPUNode looks for the operator's."""
 UNLOAD_WAIT_SECONDS = 60.0
 """How long a load waits for the models withdrawn from its GPU to finish unloading."""
 
@@ -130,10 +133,32 @@ class NodeAgent:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
+    async def _await_gpunode(self, stop: asyncio.Event) -> GPUNode | None:
+        """This node's GPUNode, created here where allowed, else once the operator has
+        created it; None when stopped first."""
+        waiting = False
+        while not stop.is_set():
+            node = await asyncio.to_thread(self.store.ensure)
+            if node is not None:
+                return node
+            if not waiting:
+                log.info(
+                    "no GPUNode %s yet and no right to create one: waiting for the operator "
+                    "(its --gpu-node-selector must select this Node)",
+                    self.store.node,
+                )
+                waiting = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GPUNODE_WAIT_SECONDS):
+                    await stop.wait()
+        return None
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until stop is set: adopt what is resident, then watch, reconcile and report."""
         self._loop = asyncio.get_running_loop()
-        node = await asyncio.to_thread(self.store.ensure)
+        node = await self._await_gpunode(stop)
+        if node is None:
+            return
         self._desired = dict(node.spec.assignments)
         await self._check_health()
         await self.adopt()

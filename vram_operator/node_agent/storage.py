@@ -45,8 +45,14 @@ class GPUNodeStore:
             raise
         return GPUNode.model_validate(raw)
 
-    def ensure(self, labels: dict[str, str] | None = None) -> GPUNode:
-        """Return the GPUNode, creating an empty one when the cluster has none for this node."""
+    def ensure(self, labels: dict[str, str] | None = None) -> GPUNode | None:
+        """Return the GPUNode, creating an empty one when the cluster has none for this node;
+        None when it is missing and not ours to create.
+
+        With the chart the agent may not create GPUNodes (a node could otherwise make up
+        others): the operator creates one per selected Node, and the agent waits for it.
+        Where its credentials may create (a local run, an older chart) it creates its own.
+        """
         existing = self.get()
         if existing is not None:
             return existing
@@ -59,6 +65,8 @@ class GPUNodeStore:
         try:
             raw = self._api.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
         except ApiException as exc:
+            if exc.status == 403:
+                return None
             if exc.status != 409:  # created by someone else meanwhile: fine
                 raise
             raw = self._api.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.node)
@@ -71,7 +79,8 @@ class GPUNodeStore:
         The agent owns the whole status, so it PUTs it at the resourceVersion it just read;
         a 409 (the operator changed spec meanwhile) re-reads and tries again. A GPUNode deleted
         under the agent is created again, so the node keeps a place to report into. Returns
-        the number of attempts that did not land; raises StoreError when none did.
+        the number of attempts that did not land; raises StoreError when none did (or the
+        GPUNode is gone and only the operator may create it).
         """
         body_status = status.to_k8s()
         try:
@@ -107,7 +116,11 @@ class GPUNodeStore:
                 return False
             if exc.status == 404:
                 log.warning("GPUNode %s was deleted; creating it again", self.node)
-                self.ensure()
+                if self.ensure() is None:
+                    raise StoreError(
+                        f"GPUNode {self.node} is gone and this agent may not create it: "
+                        "waiting for the operator to create it again"
+                    ) from exc
                 return False
             raise
         return True

@@ -84,9 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=PlacementConfig.min_residency_seconds,
         help="seconds a model used that recently is never swapped out for another's demand",
     )
+    parser.add_argument(
+        "--gpu-node-selector",
+        type=label_selector,
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="create the GPUNode of every Node with these labels ('' for every Node), as the "
+        "agent DaemonSet selects them, so agents need no right to create GPUNodes; unset, "
+        "each agent creates its own",
+    )
     add_metrics_arguments(parser, port=9300)
     parser.add_argument("--log-level", default="INFO")
     return parser
+
+
+def label_selector(text: str) -> dict[str, str]:
+    """`key=value,key2=value2` (a Node selector of equalities) as a dict; '' selects all."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -122,6 +142,7 @@ async def _run(args: argparse.Namespace) -> int:
             gpu_reserve_bytes=parse_bytes(args.gpu_reserve),
             workers=max(1, args.workers),
             demand_interval=args.demand_interval,
+            gpu_node_selector=args.gpu_node_selector,
         )
         demand = DemandReader(args.gateway_demand_url) if args.gateway_demand_url else None
         store = ClusterStore(client)

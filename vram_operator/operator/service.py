@@ -91,6 +91,8 @@ _HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING, ModelSta
 
 HEARTBEAT_LOST = "HeartbeatLost"
 POLICY_USAGE_SECONDS = 5.0
+GPUNODE_CREATE_SECONDS = 10.0
+"""A GPUNode asked for is not asked for again sooner (its watch event normally comes first)."""
 """How often ModelPolicy usage is written at most."""
 MAX_CLOCK_SKEW = 30.0
 """Seconds a heartbeat may lie ahead of the operator's clock and still count."""
@@ -113,6 +115,9 @@ class OperatorConfig:
     """How long a node that could not load a replica is not offered that model again."""
     demand_interval: float = 2.0
     """Seconds between reads of the gateways' /demand (with a demand source)."""
+    gpu_node_selector: dict[str, str] | None = None
+    """Nodes (by label, all of them when empty) that run an agent: the operator creates their
+    GPUNodes, so agents need no right to create one. None: the agents create their own."""
 
 
 @dataclass
@@ -168,6 +173,8 @@ class OperatorService:
         """GPUNodes whose assignments someone other than us changed."""
         self._measured: dict[str, int] = {}
         """The last size an assigned node reported per key, kept after it is withdrawn."""
+        self._created: dict[str, float] = {}
+        """GPUNodes asked for, to when the ask may be repeated (its watch event is due)."""
 
     # ---- start and inputs ------------------------------------------------------------------
 
@@ -198,6 +205,7 @@ class OperatorService:
                 with contextlib.suppress(SpecError):
                     spec = parse_spec(item.get("spec"))
                     self._demand[key] = _most_replicas(spec) * self._vram_bytes(key, spec)
+        await self._ensure_gpunodes()
         log.info(
             "operator state rebuilt: %d GPUNodes, %d assignments",
             len(self._gpunodes),
@@ -276,6 +284,26 @@ class OperatorService:
             if name in nodes:
                 self._mark_key(key)
 
+    async def _ensure_gpunodes(self) -> None:
+        """Create the missing GPUNode of every Node `gpu_node_selector` selects (level-based:
+        one deleted while its Node lives comes back within a housekeeping pass)."""
+        selector = self.config.gpu_node_selector
+        if selector is None:
+            return
+        moment = time.monotonic()
+        for name, node in list(self._nodes.items()):
+            if name in self._gpunodes or self._created.get(name, 0.0) > moment:
+                continue
+            if any(node.labels.get(k) != v for k, v in selector.items()):
+                continue
+            self._created[name] = moment + GPUNODE_CREATE_SECONDS
+            try:
+                await self.store.create_gpunode(name)
+            except Exception as exc:
+                log.warning("could not create GPUNode %s: %s", name, exc)
+            else:
+                log.info("created GPUNode %s for its agent", name)
+
     def observe_policy(self, raw: dict[str, Any] | None, name: str) -> None:
         """A ModelPolicy changed or went: every model is checked again (a policy may select
         any namespace; re-checking an unchanged model writes nothing)."""
@@ -344,6 +372,7 @@ class OperatorService:
         while not stop.is_set():
             try:
                 await self._check_staleness()
+                await self._ensure_gpunodes()
                 self._expire_avoidances()
                 await self._restore_foreign()
                 await self.publish_policy_usage()

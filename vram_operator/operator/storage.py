@@ -23,6 +23,7 @@ from vram_operator.api import (
     GPUNode,
     ModelDeploymentStatus,
 )
+from vram_operator.api.gpunode import KIND as GPUNODE_KIND
 from vram_operator.api.gpunode import PLURAL as GPUNODES
 from vram_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
 from vram_operator.api.modelpolicy import PLURAL as MODELPOLICIES
@@ -48,6 +49,7 @@ class Store(Protocol):
         self, node: str, changes: Mapping[str, Assignment | None]
     ) -> bool: ...
     async def set_gpunode_conditions(self, node: str, conditions: Sequence[Condition]) -> None: ...
+    async def create_gpunode(self, node: str) -> None: ...
     async def delete_gpunode(self, node: str) -> None: ...
     async def write_status(
         self, namespace: str, name: str, status: ModelDeploymentStatus
@@ -164,6 +166,22 @@ class ClusterStore:
             )
         except ApiException as exc:
             if exc.status != 404:
+                raise
+
+    async def create_gpunode(self, node: str) -> None:
+        """An empty GPUNode for `node`'s agent to report into (none exists yet)."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": GPUNODE_KIND,
+            "metadata": {"name": node},
+            "spec": {"assignments": {}},
+        }
+        try:
+            await asyncio.to_thread(
+                self._custom.create_cluster_custom_object, GROUP, VERSION, GPUNODES, body
+            )
+        except ApiException as exc:
+            if exc.status != 409:  # there already: what we wanted
                 raise
 
     async def delete_gpunode(self, node: str) -> None:

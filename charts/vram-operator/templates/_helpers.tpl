@@ -269,3 +269,14 @@ each sidecar runs as (see volumePermissions in values.yaml). Empty when nothing 
     {{- toYaml $mounts | nindent 4 }}
 {{- end -}}
 {{- end -}}
+
+{{/*
+A map of labels as a selector of equalities, key=value joined by commas, keys sorted.
+*/}}
+{{- define "vram-operator.labelSelector" -}}
+{{- $items := list -}}
+{{- range $key, $value := . -}}
+{{- $items = append $items (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $items -}}
+{{- end }}
