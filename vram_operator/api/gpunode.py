@@ -79,6 +79,16 @@ class Assignment(CamelModel):
     diffusers: DiffusersOptions | None = None
     """Diffusion pipeline options from the ModelDeployment."""
 
+    parked: bool = False
+    """Swapped out for demand and kept in host RAM: the agent parks it (vLLM sleep level 1)
+    instead of unloading it, and wakes it when the operator clears this; its VRAM is not
+    counted on the GPU meanwhile."""
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the agent starts it with sleep mode, so it can be parked in host RAM."""
+        return self.backend is Backend.VLLM and self.vllm is not None and self.vllm.sleep_mode
+
 
 class GPUNodeSpec(CamelModel):
     """Written by the operator."""

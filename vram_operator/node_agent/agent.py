@@ -63,6 +63,9 @@ def same_model(kind: Backend, a: str, b: str) -> bool:
 
 GPUNODE_WAIT_SECONDS = 2.0
 """How often an agent that may not create its GPUNode looks for the operator's."""
+SWAPPED_OUT = "SwappedOut"
+"""The reason of a model the operator swapped out for demand (parked, or evicted)."""
+
 UNLOAD_WAIT_SECONDS = 60.0
 """How long a load waits for the models withdrawn from its GPU to finish unloading."""
 
@@ -303,6 +306,9 @@ class NodeAgent:
             if key in self._tasks:
                 continue
             current = self.registry.get(key)
+            if assignment.parked:
+                self._keep_parked(current, assignment)
+                continue
             if current is not None and not self._differs(current, assignment):
                 entry = current
                 if entry.priority is not assignment.priority:
@@ -324,6 +330,24 @@ class NodeAgent:
             self._start(key, self._load(key, assignment, replacing=current))
         await self._expire_idle(now)
         await self._relieve_pressure()
+
+    def _keep_parked(self, entry: Entry | None, assignment: Assignment) -> None:
+        """An assignment the operator parked (swapped out for demand): put a loaded model to
+        sleep in host RAM; anything else stays as it is (nothing is loaded for it)."""
+        if entry is None or entry.state is not ModelState.LOADED:
+            return
+        if self._differs(entry, assignment):
+            return
+        # Counted as an unload: a load onto this GPU waits until the memory is handed back.
+        self._unloading.add(entry.key)
+        self._start(entry.key, self._swap_out(entry.key))
+
+    async def _swap_out(self, key: str) -> None:
+        """Park a model swapped out for demand; unload it where the backend cannot park it."""
+        await self._demote(key, "park", SWAPPED_OUT, "swapped out for demand")
+        entry = self.registry.get(key)
+        if entry is not None and entry.state is ModelState.LOADED:
+            await self._demote(key, "unload", SWAPPED_OUT, "swapped out for demand (not parked)")
 
     def _idle_beyond_keep_alive(self, entry: Entry, now: float) -> float | None:
         """Seconds idle when that exceeds the assignment's keepAlive, else None."""
@@ -577,7 +601,11 @@ class NodeAgent:
         except BackendError as exc:
             self._fail(entry.key, "BackendError", exc.message)
             return
-        self.registry.update(entry.key, state=ModelState.LOADED, message=None)
+        # Back on the GPU now: just loaded, as far as recency and eviction go.
+        self.registry.update(
+            entry.key, state=ModelState.LOADED, message=None, reason=None, loaded_at=self._now()
+        )
+        log.info("woke %s from host RAM", entry.key)
 
     def _shared_with(self, entry: Entry) -> str | None:
         """Another assignment that Ollama serves from the same loaded model as `entry` (one

@@ -97,11 +97,12 @@ def fold_status(
     agent says about it (None or absent: nothing yet; reports from other nodes are ignored).
     `pending_reason`/`pending_message` come from the last placement when replicas are missing.
     A replica counts as ready only when Loaded: a Sleeping one is parked in host RAM and must be
-    woken before it serves, so it is not. An invalid spec (`spec_error`, or no spec) yields
-    InvalidSpec on every condition and no new placements; a spec a ModelPolicy refuses (a
-    PolicyError) the same with PolicyViolation. `scale` is the count placement worked towards
-    when it is not spec.replicas (autoscaling, or idle past keepAlive) and why; `name` the
-    object's, for the scale subresource's selector.
+    woken before it serves, so it is not. An assignment marked parked (swapped out for demand)
+    counts neither as scheduled nor as ready; its placement shows where it is. An invalid spec
+    (`spec_error`, or no spec) yields InvalidSpec on every condition and no new placements; a
+    spec a ModelPolicy refuses (a PolicyError) the same with PolicyViolation. `scale` is the
+    count placement worked towards when it is not spec.replicas (autoscaling, or idle past
+    keepAlive) and why; `name` the object's, for the scale subresource's selector.
     """
     conditions = list(previous.conditions) if previous is not None else []
 
@@ -146,10 +147,13 @@ def fold_status(
     nodes = sorted(assigned_nodes)
     mine = {node: reports.get(node) for node in nodes}
     placements = [_placement(node, assigned_nodes[node], mine[node]) for node in nodes]
-    ready = sum(p.state is ModelState.LOADED for p in placements)
+    # A replica parked for demand is shown where it is, but neither scheduled on a GPU nor
+    # ready, even in the moment before it has gone to sleep.
+    active = [node for node in nodes if not assigned_nodes[node].parked]
+    ready = sum(p.state is ModelState.LOADED for p in placements if p.node in active)
     desired = spec.replicas if scale is None else scale.desired
     zero = scale.why if scale is not None and scale.why else "0 replicas requested"
-    scheduled = _scheduled(desired, nodes, pending_reason, pending_message, zero)
+    scheduled = _scheduled(desired, active, pending_reason, pending_message, zero)
     loaded = _loaded(desired, ready, placements, mine, scheduled, zero)
     record(SCHEDULED, scheduled)
     record(LOADED, loaded)
@@ -159,7 +163,7 @@ def fold_status(
         observed_generation=generation,
         conditions=conditions,
         ready_replicas=ready,
-        replicas=len(nodes),
+        replicas=len(active),
         desired_replicas=desired,
         selector=scale_selector(name) if name else None,
         last_scale_time=None if scale is None else scale.changed_at,

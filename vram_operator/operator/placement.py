@@ -25,9 +25,10 @@ the same memory.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple
@@ -143,6 +144,10 @@ class NodeView:
     max_models: Mapping[Backend, int] = field(default_factory=dict)
     """Per backend, the models its server holds at once at most (Ollama's
     OLLAMA_MAX_LOADED_MODELS); one more would make it unload another by itself."""
+    host_available_bytes: int | None = None
+    """Host RAM available, as the agent last measured it (MemAvailable); None: not reported."""
+    host_under_pressure: bool = False
+    """The agent reports MemoryPressure=True (host PSI above its threshold)."""
 
     @classmethod
     def from_objects(
@@ -168,6 +173,13 @@ class NodeView:
             max_models={
                 b.name: b.max_models for b in (status.backends if status else ()) if b.max_models
             },
+            host_available_bytes=(
+                status.host_memory.available_bytes if status and status.host_memory else None
+            ),
+            host_under_pressure=any(
+                c.type == "MemoryPressure" and c.status == "True"
+                for c in (status.conditions if status else ())
+            ),
         )
 
     def budgets(self) -> tuple[GPUBudget, ...]:
@@ -176,7 +188,9 @@ class NodeView:
         A physical GPU whose MIG instances are listed is left out: its memory is theirs. An
         assignment without a GPU is charged where the agent reports it, or, before that, against
         every GPU of the node, since it may land on any; one naming a GPU that is gone is charged
-        nowhere.
+        nowhere. A parked assignment is charged nowhere: its weights are in host RAM, and what
+        it still holds on the GPU (the context of a sleeping vLLM, or all of it until it has
+        gone to sleep) is measured as used memory no assignment explains.
         """
         parents = {g.parent_uuid for g in self.gpus if g.parent_uuid}
         units = [g for g in self.gpus if g.uuid not in parents]
@@ -190,6 +204,8 @@ class NodeView:
                 measured[(model.gpu_uuid, model.key)] += model.vram_bytes or 0
         holds: dict[str, dict[str, Hold]] = {uuid: {} for uuid in uuids}
         for key, assignment in self.assignments.items():
+            if assignment.parked:
+                continue
             gpu = assignment.gpu_uuid or reported_gpu.get(key)
             targets = sorted(uuids) if gpu is None else [gpu] if gpu in uuids else []
             for uuid in targets:
@@ -209,6 +225,62 @@ class NodeView:
     def state_of(self, key: str) -> ModelState | None:
         """The state the agent reports for `key` here, or None before it reports one."""
         return next((m.state for m in self.resident if m.key == key), None)
+
+    def report_of(self, key: str) -> ResidentModel | None:
+        """What the agent reports for `key` here, or None before it reports it."""
+        return next((m for m in self.resident if m.key == key), None)
+
+    def host_room(self) -> int | None:
+        """Host RAM a model parked now may take: what the agent last measured available, less
+        what parked assignments it does not report Sleeping yet are about to take (none under
+        host memory pressure); None when the node reports no host memory."""
+        if self.host_available_bytes is None:
+            return None
+        if self.host_under_pressure:
+            return 0
+        coming = sum(
+            host_bytes(a, self.report_of(key))
+            for key, a in self.assignments.items()
+            if a.parked and self.state_of(key) is not ModelState.SLEEPING
+        )
+        return max(0, self.host_available_bytes - coming)
+
+
+def host_bytes(assignment: Assignment, report: ResidentModel | None) -> int:
+    """Host RAM a parked replica takes: at most what it held on the GPU (vLLM's level-1 sleep
+    moves the weights to host RAM and drops the KV cache), the larger of the measured and the
+    assigned figure; 0 when neither is known."""
+    measured = report.vram_bytes if report is not None and report.vram_bytes else 0
+    return max(measured, assignment.vram_bytes or 0)
+
+
+def plan_parking(victims: Iterable[Victim], nodes: Iterable[NodeView]) -> frozenset[Victim]:
+    """The victims of a swap-out for demand to park in host RAM rather than unload.
+
+    A victim is parked when its assignment runs with sleep mode (vLLM), its agent reports it
+    Loaded (there is something to park), its size is known, and its node's host RAM
+    (`NodeView.host_room`) takes it; victims on one node share that room, in order. The others
+    are unloaded, as before.
+    """
+    views = {v.name: v for v in nodes}
+    room: dict[str, float] = {}
+    parked: set[Victim] = set()
+    for victim in victims:
+        view = views.get(victim.node)
+        assignment = view.assignments.get(victim.key) if view is not None else None
+        if view is None or assignment is None or not assignment.sleeps:
+            continue
+        report = view.report_of(victim.key)
+        if report is None or report.state is not ModelState.LOADED:
+            continue
+        size = host_bytes(assignment, report)
+        if victim.node not in room:
+            known = view.host_room()
+            room[victim.node] = math.inf if known is None else known
+        if 0 < size <= room[victim.node]:
+            room[victim.node] -= size
+            parked.add(victim)
+    return frozenset(parked)
 
 
 @dataclass(frozen=True)
@@ -232,6 +304,10 @@ class PlacementRequest:
     demanded: bool = False
     """Requests wait for it at the gateway and it has no resident replica: it may take the
     place of the coldest settled model of its own priority or lower (see `_displaceable`)."""
+    parked: Mapping[str, str] = field(default_factory=dict)
+    """Nodes holding a replica of it parked in host RAM (swapped out for demand), each with
+    the GPU it sleeps on; not in `existing`. A new replica wakes one of these where its GPU
+    has room, before any cold start elsewhere."""
 
     def footprint(self, gpu: GPU) -> int:
         """What one replica holds on `gpu`, by the accounting rule the agent loads by."""
@@ -254,6 +330,7 @@ class PlacementRequest:
         avoid: Mapping[str, str] | None = None,
         replicas: int | None = None,
         demanded: bool = False,
+        parked: Mapping[str, str] | None = None,
     ) -> PlacementRequest:
         """From a validated spec; `vram_bytes` is spec.vram or the estimate when it is absent,
         `replicas` the count to place when it is not spec.replicas (autoscaling)."""
@@ -265,6 +342,7 @@ class PlacementRequest:
             priority=spec.priority,
             replicas=spec.replicas if replicas is None else replicas,
             demanded=demanded,
+            parked=dict(parked or {}),
             node_selector=dict(spec.node_selector),
             tolerations=tuple(spec.tolerations),
             existing=frozenset(existing),
@@ -293,11 +371,13 @@ class PlacementDecision:
     keep: tuple[str, ...] = ()
     """Nodes that go on holding a replica."""
     chosen: tuple[Choice, ...] = ()
-    """New replicas, each on a node of its own."""
+    """New replicas, each on a node of its own; one on a node of `request.parked`, on the GPU
+    it sleeps on, is that replica woken."""
     preempted: tuple[Victim, ...] = ()
     """Lower-priority replicas to withdraw so the chosen ones fit."""
     remove: tuple[str, ...] = ()
-    """Nodes whose assignment for this model is to be withdrawn (lost node or scale-down)."""
+    """Nodes whose assignment for this model is to be withdrawn (lost node or scale-down, or a
+    parked replica no longer needed)."""
     reason: PendingReason | None = None
     """Set when fewer than `replicas` are kept or chosen."""
     message: str = ""
@@ -566,6 +646,9 @@ def place(
     victims, then fewest bytes). `reserved` is the ledger of `Reservations`, GPU UUID to holds.
     A `demanded` request (requests wait for it) may also displace settled models of its own
     priority, the coldest by `recency` (key to last use) first: demand-aware placement when full.
+    A replica parked in host RAM (`request.parked`) is woken on the GPU it sleeps on, where
+    that GPU has room (or is given room by those rules), before any other replica is placed;
+    parked replicas left over once every replica is placed are withdrawn.
     """
     views = sorted(nodes, key=lambda v: v.name)
     by_name = {v.name: v for v in views}
@@ -585,9 +668,15 @@ def place(
             keep.append(name)
         else:
             lost.append(name)
-    if len(keep) > request.replicas:
+    parked = {n: g for n, g in request.parked.items() if n not in request.existing}
+    for name in sorted(parked):
+        view = by_name.get(name)
+        if view is None or not view.exists:
+            del parked[name]  # its node is gone: nothing sleeps there any more
+            lost.append(name)
+    if len(keep) >= request.replicas and (len(keep) > request.replicas or parked):
         order = sorted(keep, key=lambda n: _drop_order(by_name[n], request.key, budgets[n]))
-        surplus = order[: len(keep) - request.replicas]
+        surplus = order[: len(keep) - request.replicas] + sorted(parked)
         kept = tuple(n for n in keep if n not in surplus)
         message = f"scaled down: withdrawing from {', '.join(sorted(lost + surplus))}"
         return PlacementDecision(keep=kept, remove=tuple(lost + sorted(surplus)), message=message)
@@ -596,7 +685,8 @@ def place(
     taken = set(keep)
     tally: _Tally | None = None
     for _ in range(request.replicas - len(keep)):
-        pick = _pick(request, views, budgets, taken, config, now, recency)
+        waking = _wake(request, by_name, budgets, parked, taken, config, now, recency)
+        pick = waking or _pick(request, views, budgets, taken, config, now, recency)
         if isinstance(pick, _Tally):
             tally = pick
             break
@@ -604,9 +694,13 @@ def place(
         chosen.append(Choice(node, pick.budget.gpu.uuid))
         preempted.extend(Victim(node, key) for key in pick.victims)
         taken.add(node)
+    # Every replica placed: one still parked elsewhere is not needed (its host RAM goes back).
+    dropped = sorted(n for n in parked if n not in taken) if tally is None else []
     reason: PendingReason | None = None
     if tally is None:
-        message = _success_message(request.key, keep, chosen, preempted, lost)
+        woken = [c for c in chosen if parked.get(c.node) == c.gpu_uuid]
+        fresh = [c for c in chosen if c not in woken]
+        message = _success_message(request.key, keep, fresh, preempted, lost, woken, dropped)
     else:
         # InsufficientVRAM only when memory is what is missing; otherwise no node qualifies.
         short_of_memory = tally.small_gpus > 0
@@ -621,17 +715,47 @@ def place(
         keep=tuple(keep),
         chosen=tuple(chosen),
         preempted=tuple(preempted),
-        remove=tuple(lost),
+        remove=tuple(lost + dropped),
         reason=reason,
         message=message,
     )
 
 
+def _wake(
+    request: PlacementRequest,
+    by_name: Mapping[str, NodeView],
+    budgets: Mapping[str, tuple[GPUBudget, ...]],
+    parked: Mapping[str, str],
+    taken: set[str],
+    config: PlacementConfig,
+    now: dt.datetime,
+    recency: Mapping[str, dt.datetime] | None,
+) -> _Option | None:
+    """A parked replica to wake, on the GPU it sleeps on, where that GPU has room (or, for a
+    demanded request, can be given room by the same rule as a new replica); None if none."""
+    for name in sorted(parked):
+        if name in taken:
+            continue
+        own = {name: tuple(b for b in budgets[name] if b.gpu.uuid == parked[name])}
+        pick = _pick(request, [by_name[name]], own, taken, config, now, recency)
+        if isinstance(pick, _Option):
+            return pick
+    return None
+
+
 def _success_message(
-    key: str, keep: list[str], chosen: list[Choice], preempted: list[Victim], lost: list[str]
+    key: str,
+    keep: list[str],
+    chosen: list[Choice],
+    preempted: list[Victim],
+    lost: list[str],
+    woken: Sequence[Choice] = (),
+    dropped: Sequence[str] = (),
 ) -> str:
     namespace = key.partition(".")[0]
     parts = []
+    if woken:
+        parts.append("waking on " + ", ".join(f"{c.node} ({c.gpu_uuid})" for c in woken))
     if chosen:
         parts.append("placed on " + ", ".join(f"{c.node} ({c.gpu_uuid})" for c in chosen))
     if keep:
@@ -642,6 +766,8 @@ def _success_message(
         )
     if lost:
         parts.append("withdrawing from lost node(s) " + ", ".join(lost))
+    if dropped:
+        parts.append("withdrawing the replica parked on " + ", ".join(dropped))
     return "; ".join(parts) or "no replicas requested"
 
 

@@ -79,6 +79,8 @@ from .placement import (
     PlacementConfig,
     PlacementRequest,
     Reservations,
+    Victim,
+    plan_parking,
 )
 from .storage import Store
 from .workqueue import WorkQueue
@@ -88,6 +90,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 
 _HOLDING = (ModelState.LOADING, ModelState.LOADED, ModelState.SLEEPING, ModelState.UNLOADING)
+_PARKING = (ModelState.LOADED, ModelState.UNLOADING, ModelState.SLEEPING)
+"""States a replica told to park reports on its way to host RAM and once there."""
 
 HEARTBEAT_LOST = "HeartbeatLost"
 POLICY_USAGE_SECONDS = 5.0
@@ -741,11 +745,13 @@ class OperatorService:
             for node, old in list(self._assigned.get(key, {}).items()):
                 if _replaced(old, desired):
                     self._unassign(key, node, changes[node])  # model or size changed
-            existing = self._assigned.get(key, {}).keys()
+            mine = self._assigned.get(key, {})
+            parked = {n: a.gpu_uuid or "" for n, a in mine.items() if a.parked}
+            existing = [n for n in mine if n not in parked]
             # A replica withdrawn from a node that still holds it (unloading) counts until it
             # is gone, so a model is never held on more nodes than it asks for; the report
             # that drops it queues this model again.
-            lingering = [n for n in self._holding(key) if n not in existing]
+            lingering = [n for n in self._holding(key) if n not in mine]
             # Less any replica just found idle past keepAlive: it is not placed again.
             count = max(0, replicas - len(self._idle.get(key, {})))
             deferred = bool(lingering) and count > len(existing)
@@ -759,19 +765,30 @@ class OperatorService:
                 avoid={node: why for node, (_, why) in self._avoid.get(key, {}).items()},
                 replicas=count,
                 demanded=self._waited_for(key),
+                parked=parked,
             )
             decision = self.reservations.place_and_reserve(
                 request, views, self.config.placement, self.clock(), self._recency()
             )
+            to_park = plan_parking(decision.preempted, views) if request.demanded else frozenset()
             displaced = []
             for victim in decision.preempted:
-                self._unassign(victim.key, victim.node, changes[victim.node])
                 by = name_in(key, victim.key.partition(".")[0])
+                if victim in to_park:
+                    self._park(victim, changes[victim.node])
+                else:
+                    self._unassign(victim.key, victim.node, changes[victim.node])
                 if request.demanded:
-                    why = f"swapped out of {victim.node} for {by}, which requests were waiting for"
+                    where = "parked in host RAM" if victim in to_park else "unloaded"
+                    why = (
+                        f"swapped out of {victim.node} for {by}, which requests were waiting "
+                        f"for; {where}"
+                    )
                     self._preempted[victim.key] = (PendingReason.SWAPPED_OUT.value, why)
                     self.metrics.swap_outs.labels("demand").inc()
-                    log.info("swapping %s out of %s for %s", victim.key, victim.node, key)
+                    log.info(
+                        "swapping %s out of %s for %s (%s)", victim.key, victim.node, key, where
+                    )
                 else:
                     why = f"displaced from {victim.node} by {by}"
                     self._preempted[victim.key] = (PendingReason.PREEMPTED.value, why)
@@ -785,8 +802,19 @@ class OperatorService:
                 assignment = desired.model_copy(update={"gpu_uuid": choice.gpu_uuid})
                 self._assigned[key][choice.node] = assignment
                 changes[choice.node][key] = assignment
+                if parked.get(choice.node) == choice.gpu_uuid:
+                    self.metrics.placements.labels("woken").inc()
+                    log.info("waking %s parked on %s (%s)", key, choice.node, choice.gpu_uuid)
+                    continue
                 self.metrics.placements.labels("placed").inc()
                 log.info("placed %s on %s (%s)", key, choice.node, choice.gpu_uuid)
+            for node in parked.keys() - {c.node for c in decision.chosen} - set(decision.remove):
+                # Still parked: kept in step with the spec, as a kept replica is.
+                old = self._assigned[key][node]
+                updated = desired.model_copy(update={"gpu_uuid": old.gpu_uuid, "parked": True})
+                if updated != old:
+                    self._assigned[key][node] = updated
+                    changes[node][key] = updated
             for node in decision.keep:
                 kept = self._assigned[key].get(node)
                 if kept is not None:
@@ -814,6 +842,11 @@ class OperatorService:
             if key in self._preempted:
                 why, displaced_by = self._preempted[key]
                 return why, f"{displaced_by}; {decision.message}"
+            still = sorted(n for n, a in self._assigned.get(key, {}).items() if a.parked)
+            if still:
+                # Parked before this operator started: what displaced it is not known now.
+                where = f"swapped out and parked in host RAM on {', '.join(still)}"
+                return PendingReason.SWAPPED_OUT.value, f"{where}; {decision.message}"
             return decision.reason.value, decision.message
         if deferred:
             if key in self._preempted:
@@ -860,8 +893,16 @@ class OperatorService:
         """Withdraw replicas that could not load for want of memory, or that were evicted while
         assigned, so they are placed afresh (elsewhere for a while) with their budget released.
         Called under the placement lock."""
-        for node in list(self._assigned.get(key, {})):
+        for node, assignment in list(self._assigned.get(key, {}).items()):
             report = self._fresh_report(node, key)
+            if assignment.parked:
+                if report is None or report.state not in _PARKING:
+                    # Not (or no longer) in host RAM: the agent could not park it or let it
+                    # go under host pressure. Withdrawn, as a swap-out that unloads is.
+                    why = report.state if report is not None else "not reported"
+                    log.info("%s parked on %s is %s: withdrawn", key, node, why)
+                    self._unassign(key, node, changes[node])
+                continue
             if report is not None and self.demand is not None and _idled(report):
                 # Unloaded for idleness: withdrawn so the next request, which the gateway
                 # holds, brings it back (an Evicted assignment is never reloaded as it is).
@@ -904,6 +945,15 @@ class OperatorService:
             if times:
                 used[key] = max(times)
         return used
+
+    def _park(self, victim: Victim, changes: dict[str, Assignment | None]) -> None:
+        """Keep `victim`'s assignment, marked parked: its agent puts it to sleep in host RAM,
+        and its VRAM is no longer counted on the GPU (the ledger released it already)."""
+        old = self._assigned[victim.key][victim.node]
+        parked = old.model_copy(update={"parked": True})
+        self._assigned[victim.key][victim.node] = parked
+        changes[victim.key] = parked
+        log.info("parking %s on %s in host RAM", victim.key, victim.node)
 
     def _unassign(self, key: str, node: str, changes: dict[str, Assignment | None]) -> None:
         """Forget `key` on `node` in memory and the ledger now; `changes` carries the write."""

@@ -34,7 +34,8 @@ vLLM 0.11.0 (the version the chart pins), file named beside it:
   #45520). The fake does the same: it prints an EngineDeadError and exits with 1.
 
 Switches, from the environment: VRAM_SIM_VLLM_STARTUP_SECONDS (time to start, holding the
-memory, before it listens), VRAM_SIM_VLLM_REQUEST_SECONDS (time each completion takes) and
+memory, before it listens), VRAM_SIM_VLLM_WAKE_SECONDS (time /wake_up takes, holding the
+memory), VRAM_SIM_VLLM_REQUEST_SECONDS (time each completion takes) and
 VRAM_SIM_VLLM_FAIL=1 (engine start-up fails after the start-up time, exit 1).
 
 The supervisor's download command is faked by `vram_operator.simulation.fake_hf_download`.
@@ -115,6 +116,7 @@ class FakeVLLM:
         on_crash: Callable[[str], None] | None = None,
         runner: str = "auto",
         auto_tools: bool = False,
+        wake_seconds: float = 0.0,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(
@@ -134,6 +136,8 @@ class FakeVLLM:
         picks the runner from the architecture; the fake goes by the name)."""
         self.auto_tools = auto_tools
         """--enable-auto-tool-choice with a --tool-call-parser: tool_choice "auto" works."""
+        self.wake_seconds = wake_seconds
+        """How long /wake_up takes to bring the weights back from host RAM."""
         self.crashed: str | None = None
         """Why the engine died, once it has (see `crash`)."""
         self._on_crash = on_crash
@@ -557,6 +561,7 @@ class FakeVLLM:
                 self.gpus.set_allocation(self.device.uuid, self.owner, self.allocation_bytes)
             except SimulatedOutOfMemory as err:
                 return _openai_error(str(err), "InternalServerError", 500)
+            await asyncio.sleep(self.wake_seconds)  # the weights coming back from host RAM
             self.sleeping = False
         return web.Response()
 
@@ -748,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_crash=crash,
             runner=args.runner,
             auto_tools=bool(args.enable_auto_tool_choice and args.tool_call_parser),
+            wake_seconds=_seconds("VRAM_SIM_VLLM_WAKE_SECONDS"),
         )
         fake.allocate()
     except SimulatedOutOfMemory as err:
