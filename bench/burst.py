@@ -34,6 +34,7 @@ from kubernetes import client, config
 
 from vram_operator.api import GROUP, VERSION
 from vram_operator.localcluster import LocalControlPlane
+from vram_operator.localcluster.controlplane import memory_dir
 from vram_operator.simulation.audit import Audit
 from vram_operator.simulation.burst import PENDING_REASONS, BurstModel, burst, ollama_catalog
 from vram_operator.simulation.burst import settled as is_settled
@@ -42,7 +43,7 @@ from vram_operator.simulation.cluster import (
     install_crds,
     install_trusted_policy,
 )
-from vram_operator.simulation.nodes import GiB, SimulatedNode
+from vram_operator.simulation.nodes import BACKEND_NICENESS, GiB, SimulatedNode
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "default"
@@ -428,7 +429,9 @@ def markdown(
         f"{args.gpu_gib:g} GiB simulated GPU each, applied one after another as fast as the API "
         f"server takes them; agents `--report-interval {REPORT_INTERVAL:g}`, operator "
         f"`--heartbeat-grace {HEARTBEAT_GRACE:g}`; every process of a simulated node and the "
-        f"operator share this machine with the API server",
+        f"operator share this machine with the API server, the nodes' backends at niceness "
+        f"{BACKEND_NICENESS} (`vram_operator.simulation.nodes`), etcd's data in "
+        f"{memory_dir() or 'the temp folder (no /dev/shm)'}",
         f"- baseline: the operator, agents, vLLM supervisors and fake backends of {baseline} "
         "(a git worktree on PYTHONPATH), with the current CRDs; each run on a fresh control "
         "plane",

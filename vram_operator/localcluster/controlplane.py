@@ -257,7 +257,7 @@ def _kubeconfig_text(server: str, ca_file: Path, token: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def _memory_dir() -> str | None:
+def memory_dir() -> str | None:
     """Where a throw-away control plane keeps its state: /dev/shm when it is a writable tmpfs.
 
     etcd syncs its log to disk on every write; on a shared test machine whose disk is busy
@@ -465,7 +465,7 @@ class LocalControlPlane:
             self.state_dir = self._requested_state_dir.resolve()
             self.state_dir.mkdir(parents=True, exist_ok=True)
         else:
-            self.state_dir = Path(tempfile.mkdtemp(prefix="vram-controlplane-", dir=_memory_dir()))
+            self.state_dir = Path(tempfile.mkdtemp(prefix="vram-controlplane-", dir=memory_dir()))
             self._owns_state_dir = True
         state = self.state_dir
 
