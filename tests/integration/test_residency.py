@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ import openai
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from vram_operator.api import GROUP, VERSION
 from vram_operator.simulation.cluster import SimulatedCluster
@@ -299,3 +301,108 @@ def test_a_model_unloaded_for_idleness_comes_back_on_its_next_request(
     assert residency.chat("dozy") == "This is a simulated reply from dozy:1b."
     residency.wait("loaded again", lambda: residency.status("dozy").get("readyReplicas") == 1)
     assert ready_of(kubectl, ns, "dozy") == "1/1"
+
+
+VLLM_COLD_SECONDS = "5"
+VLLM_WAKE_SECONDS = "0.5"
+"""The fake vLLM's start-up and wake-up times, as the issue's tests ask."""
+REPLY = "This is a simulated reply from"
+
+
+def operator_counter(cluster: SimulatedCluster, name: str, labels: Mapping[str, str]) -> float:
+    """One sample of the (first) operator's /metrics; 0 when it has not been counted yet."""
+    argv = cluster.operators[0].argv
+    port = argv[argv.index("--metrics-port") + 1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_a_vllm_model_swapped_out_by_demand_wakes_from_host_ram_when_asked_for_again(
+    residency: Residency, monkeypatch: pytest.MonkeyPatch, kubectl: Kubectl
+) -> None:
+    # Two of the three fit on the 7Gi GPU (2.5Gi each with vLLM's overhead, and a sleeping
+    # one's context); parking one takes its 2.5Gi of host RAM.
+    monkeypatch.setenv("VRAM_SIM_VLLM_STARTUP_SECONDS", VLLM_COLD_SECONDS)
+    monkeypatch.setenv("VRAM_SIM_VLLM_WAKE_SECONDS", VLLM_WAKE_SECONDS)
+    residency.add_node("rs-park", {}, [7 * GIB])
+    residency.start("--min-residency", "3")
+    ns = residency.namespace
+    names = ["park-a", "park-b", "park-c"]
+    spec = {"backend": "vllm", "vram": "2Gi", "vllm": {"sleepMode": True}}
+    for name in names[:2]:
+        residency.create(name, {**spec, "model": f"org/{name}"})
+    residency.wait(
+        "two loaded",
+        lambda: all(residency.status(n).get("readyReplicas") == 1 for n in names[:2]),
+    )
+    residency.create("park-c", {**spec, "model": "org/park-c"})
+    residency.wait(
+        "the third pending",
+        lambda: (
+            (c := condition_of(residency.status("park-c"), "Scheduled")) is not None
+            and c["reason"] == "InsufficientVRAM"
+        ),
+    )
+
+    def assignments() -> dict[str, Body]:
+        listing: Any = residency.custom.get_cluster_custom_object(
+            GROUP, VERSION, "gpunodes", "rs-park"
+        )
+        held = (listing.get("spec") or {}).get("assignments") or {}
+        return {k.partition(".")[2]: v for k, v in held.items() if k.startswith(ns + ".")}
+
+    # A request for the third swaps the colder of the two out: parked, not unloaded.
+    assert residency.chat("park-c").startswith(REPLY)
+    parked = residency.wait(
+        "one parked in host RAM",
+        lambda: next(
+            (
+                n
+                for n in names[:2]
+                if assignments().get(n, {}).get("parked")
+                and residency.reports().get(n, {}).get("state") == "Sleeping"
+                and residency.status(n).get("tiers") == "HostRAM"
+            ),
+            None,
+        ),
+    )
+    status = residency.status(parked)
+    scheduled = condition_of(status, "Scheduled")
+    assert scheduled is not None
+    assert scheduled["reason"] == "SwappedOut", scheduled
+    assert "parked in host RAM" in scheduled["message"]
+    assert status.get("readyReplicas", 0) == 0
+    assert "HostRAM" in kubectl("get", "mdep", parked, "-n", ns, check=True).stdout
+    labels = {"namespace": ns, "name": parked}
+    assert operator_counter(residency.cluster, "vram_operator_cold_starts_total", labels) == 1
+
+    # Asked for again once the others have settled: it wakes on the same GPU, the coldest
+    # of the others making room, well inside a cold start.
+    time.sleep(3.5)
+    started = time.monotonic()
+    assert residency.chat(parked).startswith(REPLY)
+    waited = time.monotonic() - started
+    residency.wait("ready again", lambda: residency.status(parked).get("readyReplicas") == 1)
+    assert waited < float(VLLM_COLD_SECONDS), waited
+    assert not assignments()[parked].get("parked")
+    assert residency.reports()[parked]["state"] == "Loaded"
+    residency.wait(
+        "the wake-up counted",
+        lambda: operator_counter(residency.cluster, "vram_operator_wake_ups_total", labels) == 1,
+    )
+    assert operator_counter(residency.cluster, "vram_operator_cold_starts_total", labels) == 1
+    supervisor = residency.cluster.nodes["rs-park"].dir / "vllm-supervisor.log"
+    assert supervisor.read_text().count(f"starting {ns}.{parked}:") == 1  # one process, ever
+    events = kubectl("get", "events", "-n", ns, check=True).stdout
+    assert "woke on rs-park" in events
+    print(f"woke {parked} from host RAM in {waited:.2f}s (cold start {VLLM_COLD_SECONDS}s)")
+
+
+def condition_of(status: Mapping[str, Any], kind: str) -> Body | None:
+    found = next((c for c in status.get("conditions") or [] if c["type"] == kind), None)
+    return None if found is None else dict(found)
