@@ -1,8 +1,9 @@
 """Residency driven by demand, on the local control plane: the scale subresource (kubectl scale
 and an HPA's write), scale to zero and back on one request through the gateway, and the coldest
-model swapped out for the one requests wait for, with a critical model never touched.
+model swapped out for the one requests wait for, with a critical model never touched; a vLLM
+model swapped out is parked in host RAM and its next request wakes it (not a cold start).
 
-Simulated nodes run real agents over the fake Ollama with a load time; the operator reads the
+Simulated nodes run real agents over the fake Ollama and fake vLLM with load (and wake) times; the operator reads the
 gateway's /demand (--gateway-demand-url) and the gateway holds requests while residency follows.
 """
 
