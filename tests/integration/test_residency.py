@@ -3,8 +3,9 @@ and an HPA's write), scale to zero and back on one request through the gateway, 
 model swapped out for the one requests wait for, with a critical model never touched; a vLLM
 model swapped out is parked in host RAM and its next request wakes it (not a cold start).
 
-Simulated nodes run real agents over the fake Ollama and fake vLLM with load (and wake) times; the operator reads the
-gateway's /demand (--gateway-demand-url) and the gateway holds requests while residency follows.
+Simulated nodes run real agents over the fake Ollama and fake vLLM with load (and wake) times;
+the operator reads the gateway's /demand (--gateway-demand-url) and the gateway holds requests
+while residency follows.
 """
 
 from __future__ import annotations

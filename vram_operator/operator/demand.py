@@ -10,6 +10,7 @@ server. The figures' shape is `vram_operator.api.demand`, the one the gateway wr
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -29,6 +30,29 @@ def resolve_all(host: str, port: int) -> list[str]:
     """Every address `host` resolves to: one per gateway pod for a headless Service."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
+
+
+def request_before_last(
+    before: ModelDemand | None, after: ModelDemand, known: dt.datetime | None
+) -> dt.datetime | None:
+    """When a model was asked for before its latest request, as two successive reads tell
+    (`before`, `after`; `known` the answer so far): what makes a model asked for again and
+    again outrank one asked for once (LRU-2) when the operator chooses what to swap out.
+
+    Several new requests in one read: the one before the last is as recent as the last. At
+    first sight (the operator just started), a model asked for more than once counts as asked
+    for again now. A gateway that restarted counts from zero: its count is all new.
+    """
+    if after.last_request is None:
+        return known
+    if before is None:
+        return after.last_request if after.requests >= 2 else known
+    if before.last_request is not None and after.last_request <= before.last_request:
+        return known  # nothing new
+    new = after.requests - before.requests if after.requests >= before.requests else after.requests
+    if new >= 2:
+        return after.last_request
+    return before.last_request or known
 
 
 class DemandReader:

@@ -456,13 +456,17 @@ def _displaceable(
     recency: Mapping[str, dt.datetime] | None = None,
     now: dt.datetime | None = None,
     min_residency: float = 0.0,
+    earlier: Mapping[str, dt.datetime] | None = None,
 ) -> list[tuple[str, Hold]]:
     """Holds the request may displace, least first; never critical.
 
     Preemption: strictly lower priorities, lowest first, then largest first (fewer victims),
     then by key for determinism. Demand (`request.demanded`): its own priority or lower, each
     settled (last used, by `recency`, at least `min_residency` seconds before `now`; a key with
-    no recency is cold), lowest priority first, then the coldest (least recently used) first.
+    no recency is cold), lowest priority first, then, among equal priorities, by the request
+    before the last (`earlier`, as LRU-2 does: a model asked for once, or never, goes before
+    one asked for again and again, however recent that one request), then the coldest (least
+    recently used) first.
     """
     if request.demanded and now is not None:
         used = recency or {}
@@ -476,10 +480,12 @@ def _displaceable(
             and (key not in used or used[key] <= settled_before)
         ]
         epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+        before = earlier or {}
         return sorted(
             cold,
             key=lambda item: (
                 item[1].priority.rank,
+                before.get(item[0], epoch),
                 used.get(item[0], epoch),
                 -item[1].vram_bytes,
                 item[0],
@@ -576,6 +582,7 @@ def _pick(
     config: PlacementConfig,
     now: dt.datetime,
     recency: Mapping[str, dt.datetime] | None = None,
+    earlier: Mapping[str, dt.datetime] | None = None,
 ) -> _Option | _Tally:
     """The best GPU for one more replica on a node not in `taken`, or why there is none."""
     tally = _Tally()
@@ -606,7 +613,9 @@ def _pick(
             tally.largest_free = max(tally.largest_free, free)
             if not may_preempt:
                 continue
-            candidates = _displaceable(budget, request, recency, now, config.min_residency_seconds)
+            candidates = _displaceable(
+                budget, request, recency, now, config.min_residency_seconds, earlier
+            )
             reclaimable = free + sum(hold.vram_bytes for _, hold in candidates)
             tally.largest_reclaimable = max(tally.largest_reclaimable, reclaimable)
             found = _victims(free, candidates, need)
@@ -632,6 +641,7 @@ def place(
     now: dt.datetime,
     reserved: Mapping[str, Mapping[str, Hold]] | None = None,
     recency: Mapping[str, dt.datetime] | None = None,
+    earlier: Mapping[str, dt.datetime] | None = None,
 ) -> PlacementDecision:
     """Decide which replicas to keep, add and withdraw.
 
@@ -645,7 +655,9 @@ def place(
     strictly lower, never critical, priorities costs least (lowest victim priority, then fewest
     victims, then fewest bytes). `reserved` is the ledger of `Reservations`, GPU UUID to holds.
     A `demanded` request (requests wait for it) may also displace settled models of its own
-    priority, the coldest by `recency` (key to last use) first: demand-aware placement when full.
+    priority, the coldest by `recency` (key to last use) first, a model asked for once before one
+    asked for again (`earlier`: key to the request before the last): demand-aware placement when
+    full.
     A replica parked in host RAM (`request.parked`) is woken on the GPU it sleeps on, where
     that GPU has room (or is given room by those rules), before any other replica is placed;
     parked replicas left over once every replica is placed are withdrawn.
@@ -685,8 +697,8 @@ def place(
     taken = set(keep)
     tally: _Tally | None = None
     for _ in range(request.replicas - len(keep)):
-        waking = _wake(request, by_name, budgets, parked, taken, config, now, recency)
-        pick = waking or _pick(request, views, budgets, taken, config, now, recency)
+        waking = _wake(request, by_name, budgets, parked, taken, config, now, recency, earlier)
+        pick = waking or _pick(request, views, budgets, taken, config, now, recency, earlier)
         if isinstance(pick, _Tally):
             tally = pick
             break
@@ -730,6 +742,7 @@ def _wake(
     config: PlacementConfig,
     now: dt.datetime,
     recency: Mapping[str, dt.datetime] | None,
+    earlier: Mapping[str, dt.datetime] | None = None,
 ) -> _Option | None:
     """A parked replica to wake, on the GPU it sleeps on, where that GPU has room (or, for a
     demanded request, can be given room by the same rule as a new replica); None if none."""
@@ -737,7 +750,7 @@ def _wake(
         if name in taken:
             continue
         own = {name: tuple(b for b in budgets[name] if b.gpu.uuid == parked[name])}
-        pick = _pick(request, [by_name[name]], own, taken, config, now, recency)
+        pick = _pick(request, [by_name[name]], own, taken, config, now, recency, earlier)
         if isinstance(pick, _Option):
             return pick
     return None
@@ -825,12 +838,21 @@ class Reservations:
         config: PlacementConfig,
         now: dt.datetime,
         recency: Mapping[str, dt.datetime] | None = None,
+        earlier: Mapping[str, dt.datetime] | None = None,
     ) -> PlacementDecision:
         """`place` against the ledger, and record its outcome, as one atomic step."""
         nodes = list(nodes)
         gpus = {g.uuid: g for view in nodes for g in view.gpus}
         with self._lock:
-            decision = place(request, nodes, config, now, reserved=self._ledger, recency=recency)
+            decision = place(
+                request,
+                nodes,
+                config,
+                now,
+                reserved=self._ledger,
+                recency=recency,
+                earlier=earlier,
+            )
             for victim in decision.preempted:
                 self._release(victim.key, victim.node)
             for node in decision.remove:

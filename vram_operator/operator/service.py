@@ -70,7 +70,7 @@ from vram_operator.api.quantity import format_bytes, parse_positive_bytes
 
 from .assignment_writer import AssignmentWriter
 from .autoscaling import ScaleState, next_scale
-from .demand import DemandReader
+from .demand import DemandReader, request_before_last
 from .folding import Reason, Scale, events_between, fold_deleting, fold_status
 from .metrics import OperatorMetrics
 from .placement import (
@@ -159,6 +159,8 @@ class OperatorService:
         and what took the room."""
         self._figures: dict[str, ModelDemand] = {}
         """The gateways' demand per key, summed over replicas, from the last read that worked."""
+        self._earlier: dict[str, dt.datetime] = {}
+        """Per key, when it was asked for before its latest request (`request_before_last`)."""
         self._autoscaled: dict[str, Autoscaling] = {}
         self._scale: dict[str, ScaleState] = {}
         self._idle: dict[str, dict[str, dt.datetime]] = defaultdict(dict)
@@ -408,6 +410,10 @@ class OperatorService:
         queue those requests wait for."""
         known = figures is not None
         if figures is not None:
+            for key, read in figures.items():
+                earlier = request_before_last(self._figures.get(key), read, self._earlier.get(key))
+                if earlier is not None:
+                    self._earlier[key] = earlier
             self._figures = figures
         moment = self.clock()
         for key, policy in list(self._autoscaled.items()):
@@ -768,7 +774,12 @@ class OperatorService:
                 parked=parked,
             )
             decision = self.reservations.place_and_reserve(
-                request, views, self.config.placement, self.clock(), self._recency()
+                request,
+                views,
+                self.config.placement,
+                self.clock(),
+                self._recency(),
+                self._earlier,
             )
             to_park = plan_parking(decision.preempted, views) if request.demanded else frozenset()
             displaced = []
@@ -1101,6 +1112,7 @@ class OperatorService:
         self._preempted.pop(key, None)
         self._avoid.pop(key, None)
         self._idle.pop(key, None)
+        self._earlier.pop(key, None)
         self._autoscaled.pop(key, None)
         self._scale.pop(key, None)
         self._update_pending_gauge()
