@@ -1,7 +1,9 @@
 """The kopf handlers: thin. Each one hands its object to the OperatorService and returns.
 
 Registered on a private registry (not kopf's global one) so importing this module has no
-side effects and tests can run the operator in-process or as a subprocess alike.
+side effects and tests can run the operator in-process or as a subprocess alike. Every
+handler is a coroutine: kopf runs plain functions in a thread pool, and the service's state
+and work queue belong to the event loop (a mark from another thread wakes no worker).
 """
 
 from __future__ import annotations
@@ -55,12 +57,22 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.resume(*MDEP, registry=registry)
 @kopf.on.create(*MDEP, registry=registry)
 @kopf.on.update(*MDEP, registry=registry)
-def deployment_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def deployment_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     _service(memo).mark(namespace or "", name)
 
 
+@kopf.on.event(*MDEP, registry=registry)
+async def deployment_seen(
+    type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    """Every version the watch brings (status too), so reconciles need not read it again."""
+    _service(memo).observe_deployment(
+        None if type == "DELETED" else dict(body), namespace or "", name
+    )
+
+
 @kopf.timer(*MDEP, interval=RETRY_SECONDS, initial_delay=RETRY_SECONDS, registry=registry)
-def deployment_timer(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def deployment_timer(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     _service(memo).mark(namespace or "", name)
 
 
@@ -73,7 +85,9 @@ async def deployment_deleted(namespace: str | None, name: str, memo: kopf.Memo, 
 
 
 @kopf.on.event(*GPUN, registry=registry)
-def gpunode_event(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def gpunode_event(
+    type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     raw = None if type == "DELETED" else dict(body)
     _service(memo).observe_gpunode(raw, name)
 
@@ -89,12 +103,14 @@ async def node_event(
 
 
 @kopf.on.event(*MPOL, registry=registry)
-def policy_event(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def policy_event(
+    type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     _service(memo).observe_policy(None if type == "DELETED" else dict(body), name)
 
 
 @kopf.on.event("", "v1", "namespaces", registry=registry)
-def namespace_event(
+async def namespace_event(
     type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
     _service(memo).observe_namespace(None if type == "DELETED" else dict(body), name)

@@ -181,6 +181,11 @@ class OperatorService:
         """The last size an assigned node reported per key, kept after it is withdrawn."""
         self._created: dict[str, float] = {}
         """GPUNodes asked for, to when the ask may be repeated (its watch event is due)."""
+        self._bodies: dict[Key, dict[str, Any]] = {}
+        """The newest version of each ModelDeployment the watch or our own status write
+        gave, so a reconcile reads no object it already has (a burst re-checks every pending
+        model each time a GPU gains room). Filled from the watch only: without one, every
+        reconcile reads the object."""
 
     # ---- start and inputs ------------------------------------------------------------------
 
@@ -217,6 +222,31 @@ class OperatorService:
             len(self._gpunodes),
             sum(len(v) for v in self._assigned.values()),
         )
+
+    def observe_deployment(self, raw: dict[str, Any] | None, namespace: str, name: str) -> None:
+        """The watch saw a ModelDeployment version (None: deleted). Queues nothing: the
+        change handlers do that."""
+        if raw is None:
+            self._bodies.pop((namespace, name), None)
+        else:
+            self._remember(raw, watched=True)
+
+    def _remember(self, raw: dict[str, Any], watched: bool = False) -> None:
+        meta = raw.get("metadata") or {}
+        name: Key = (meta.get("namespace") or "", meta.get("name") or "")
+        held = self._bodies.get(name)
+        if held is None and not watched:
+            return  # not watched: a read is the only way to be current
+        if held is not None and _older(meta, held.get("metadata") or {}):
+            return  # a watch event behind our own write's answer
+        self._bodies[name] = raw
+
+    async def _deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ModelDeployment as last seen, else read."""
+        held = self._bodies.get((namespace, name))
+        if held is not None:
+            return held
+        return await self.store.get_deployment(namespace, name)
 
     def mark(self, namespace: str, name: str, urgent: bool = False) -> None:
         """Queue a ModelDeployment for a reconcile; urgent ones go before all others."""
@@ -562,7 +592,7 @@ class OperatorService:
     async def reconcile(self, namespace: str, name: str) -> None:
         """Bring one ModelDeployment's assignments and status in line with its spec."""
         key = assignment_key(namespace, name)
-        body = await self.store.get_deployment(namespace, name)
+        body = await self._deployment(namespace, name)
         if body is None:
             # Deleted without our finalizer running (force-deleted, or while no operator ran):
             # nothing else would ever withdraw what it still holds.
@@ -873,7 +903,7 @@ class OperatorService:
         placing anything (its own reconcile, queued next, does that). `why` is the pending
         reason and message; by default what displaced it."""
         name = self._names.get(key)
-        body = await self.store.get_deployment(*name) if name else None
+        body = await self._deployment(*name) if name else None
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
@@ -1066,11 +1096,14 @@ class OperatorService:
         status: ModelDeploymentStatus,
     ) -> None:
         meta = body["metadata"]
-        changed = previous is None or previous.to_k8s() != status.to_k8s()
-        if changed and not await self.store.write_status(meta["namespace"], meta["name"], status):
-            # Deleted since we read it, perhaps after placing it: the next pass withdraws.
-            self.mark(meta["namespace"], meta["name"])
-            return
+        if previous is None or previous.to_k8s() != status.to_k8s():
+            written = await self.store.write_status(meta["namespace"], meta["name"], status)
+            if written is None:
+                # Deleted since we read it, perhaps after placing it: the next pass withdraws.
+                self._bodies.pop((meta["namespace"], meta["name"]), None)
+                self.mark(meta["namespace"], meta["name"])
+                return
+            self._remember(written)
         for event in events_between(previous, status):
             await self.store.post_event(body, event.type, event.reason, event.message)
         self._update_pending_gauge()
@@ -1105,6 +1138,7 @@ class OperatorService:
             self.metrics.pending.labels(reason).set(count)
 
     def _forget(self, key: str, name: Key) -> None:
+        self._bodies.pop(name, None)
         self._measured.pop(key, None)
         if self._demand.pop(key, None) is not None:
             self._mark_refused(name[0])  # its share of the quota is free
@@ -1178,6 +1212,16 @@ def _int_or_none(value: object) -> int | None:
 
 def _name(gpunode: GPUNode) -> str:
     return str(gpunode.metadata.get("name", ""))
+
+
+def _older(meta: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether an object version is older than another, by resourceVersion. Opaque to
+    clients by convention, but etcd's revisions grow with every write; anything that does not
+    read as a number counts as newer, so the cache then follows what arrived last."""
+    try:
+        return int(meta.get("resourceVersion") or "") < int(than.get("resourceVersion") or "")
+    except ValueError:
+        return False
 
 
 def _node_object(node: Any) -> _NodeObject:

@@ -53,7 +53,7 @@ class Store(Protocol):
     async def delete_gpunode(self, node: str) -> None: ...
     async def write_status(
         self, namespace: str, name: str, status: ModelDeploymentStatus
-    ) -> bool: ...
+    ) -> dict[str, Any] | None: ...
     async def post_event(
         self, body: dict[str, Any], type_: str, reason: str, message: str
     ) -> None: ...
@@ -267,11 +267,13 @@ class ClusterStore:
             except Exception:  # a connection error: an Event is not worth a dead sender
                 log.exception("could not record event %s", event.reason)
 
-    async def write_status(self, namespace: str, name: str, status: ModelDeploymentStatus) -> bool:
-        """Merge-patch the status subresource; False when the object is gone."""
+    async def write_status(
+        self, namespace: str, name: str, status: ModelDeploymentStatus
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; the object as written, None when it is gone."""
         body = {"status": _with_nulls(status.to_k8s(), ModelDeploymentStatus)}
         try:
-            await asyncio.to_thread(
+            written = await asyncio.to_thread(
                 self._custom.patch_namespaced_custom_object_status,
                 GROUP,
                 VERSION,
@@ -282,9 +284,9 @@ class ClusterStore:
             )
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return True
+        return _as_dict(written)
 
 
 def _with_nulls(dumped: dict[str, Any], model: type[ModelDeploymentStatus]) -> dict[str, Any]:
