@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
@@ -48,14 +49,20 @@ class Residency:
         self.custom = client.CustomObjectsApi(cluster.api)
         self.gateway_url = ""
 
-    def add_node(self, name: str, models: Mapping[str, int], gpu_sizes: Sequence[int]) -> None:
+    def add_node(
+        self,
+        name: str,
+        models: Mapping[str, int],
+        gpu_sizes: Sequence[int],
+        agent_args: Sequence[str] = (),
+    ) -> None:
         catalog = self.cluster.workdir / f"catalog-{name}.json"
         sizes = {m: {"size": max(s // 2, 1), "size_vram": s} for m, s in models.items()}
         catalog.write_text(json.dumps(sizes))
         self.cluster.add_node(
             name,
             gpu_sizes=gpu_sizes,
-            agent_args=("--report-interval", "1"),
+            agent_args=("--report-interval", "1", *agent_args),
             ollama_args=("--catalog", str(catalog), "--load-seconds", LOAD_SECONDS),
         )
 
@@ -324,17 +331,20 @@ def operator_counter(cluster: SimulatedCluster, name: str, labels: Mapping[str, 
     return 0.0
 
 
-def test_a_vllm_model_swapped_out_by_demand_wakes_from_host_ram_when_asked_for_again(
-    residency: Residency, monkeypatch: pytest.MonkeyPatch, kubectl: Kubectl
+PARK_NAMES = ["park-a", "park-b", "park-c"]
+
+
+def two_of_three_vllm_models(
+    residency: Residency, monkeypatch: pytest.MonkeyPatch, agent_args: Sequence[str] = ()
 ) -> None:
-    # Two of the three fit on the 7Gi GPU (2.5Gi each with vLLM's overhead, and a sleeping
-    # one's context); parking one takes its 2.5Gi of host RAM.
+    """Two of three vLLM models (sleep mode on) loaded on one 7Gi GPU (2.5Gi each with vLLM's
+    overhead, and a sleeping one's context), the third waiting for room; parking one takes its
+    2.5Gi of host RAM."""
     monkeypatch.setenv("VRAM_SIM_VLLM_STARTUP_SECONDS", VLLM_COLD_SECONDS)
     monkeypatch.setenv("VRAM_SIM_VLLM_WAKE_SECONDS", VLLM_WAKE_SECONDS)
-    residency.add_node("rs-park", {}, [7 * GIB])
+    residency.add_node("rs-park", {}, [7 * GIB], agent_args)
     residency.start("--min-residency", "3")
-    ns = residency.namespace
-    names = ["park-a", "park-b", "park-c"]
+    names = PARK_NAMES
     spec = {"backend": "vllm", "vram": "2Gi", "vllm": {"sleepMode": True}}
     for name in names[:2]:
         residency.create(name, {**spec, "model": f"org/{name}"})
@@ -351,12 +361,23 @@ def test_a_vllm_model_swapped_out_by_demand_wakes_from_host_ram_when_asked_for_a
         ),
     )
 
+
+def parking_node_assignments(residency: Residency) -> dict[str, Body]:
+    """Model name (in this namespace) to its assignment on rs-park."""
+    listing: Any = residency.custom.get_cluster_custom_object(GROUP, VERSION, "gpunodes", "rs-park")
+    held = (listing.get("spec") or {}).get("assignments") or {}
+    mine = residency.namespace + "."
+    return {k.partition(".")[2]: v for k, v in held.items() if k.startswith(mine)}
+
+
+def test_a_vllm_model_swapped_out_by_demand_wakes_from_host_ram_when_asked_for_again(
+    residency: Residency, monkeypatch: pytest.MonkeyPatch, kubectl: Kubectl
+) -> None:
+    two_of_three_vllm_models(residency, monkeypatch)
+    ns, names = residency.namespace, PARK_NAMES
+
     def assignments() -> dict[str, Body]:
-        listing: Any = residency.custom.get_cluster_custom_object(
-            GROUP, VERSION, "gpunodes", "rs-park"
-        )
-        held = (listing.get("spec") or {}).get("assignments") or {}
-        return {k.partition(".")[2]: v for k, v in held.items() if k.startswith(ns + ".")}
+        return parking_node_assignments(residency)
 
     # A request for the third swaps the colder of the two out: parked, not unloaded.
     assert residency.chat("park-c").startswith(REPLY)
@@ -408,3 +429,46 @@ def test_a_vllm_model_swapped_out_by_demand_wakes_from_host_ram_when_asked_for_a
 def condition_of(status: Mapping[str, Any], kind: str) -> Body | None:
     found = next((c for c in status.get("conditions") or [] if c["type"] == kind), None)
     return None if found is None else dict(found)
+
+
+def test_a_vllm_model_swapped_out_where_host_ram_cannot_take_it_is_unloaded_and_comes_back_cold(
+    residency: Residency, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The agent reads host memory from a /proc that shows 1 GiB available: too little to park.
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "meminfo").write_text("MemTotal: 4194304 kB\nMemAvailable: 1048576 kB\n")
+    two_of_three_vllm_models(residency, monkeypatch, ("--proc", str(proc)))
+    ns, names = residency.namespace, PARK_NAMES
+
+    assert residency.chat("park-c").startswith(REPLY)
+    gone = residency.wait(
+        "one unloaded",
+        lambda: next(
+            (
+                n
+                for n in names[:2]
+                if n not in parking_node_assignments(residency) and n not in residency.reports()
+            ),
+            None,
+        ),
+    )
+    scheduled = condition_of(residency.status(gone), "Scheduled")
+    assert scheduled is not None
+    assert scheduled["reason"] == "SwappedOut", scheduled
+    assert "unloaded" in scheduled["message"]
+    assert residency.status(gone).get("tiers") is None  # nothing left anywhere but on disk
+
+    time.sleep(3.5)
+    started = time.monotonic()
+    assert residency.chat(gone).startswith(REPLY)
+    waited = time.monotonic() - started
+    assert waited > float(VLLM_COLD_SECONDS), waited  # a cold start, not a wake-up
+    labels = {"namespace": ns, "name": gone}
+    residency.wait(
+        "the second cold start counted",
+        lambda: operator_counter(residency.cluster, "vram_operator_cold_starts_total", labels) == 2,
+    )
+    assert operator_counter(residency.cluster, "vram_operator_wake_ups_total", labels) == 0
+    supervisor = residency.cluster.nodes["rs-park"].dir / "vllm-supervisor.log"
+    assert supervisor.read_text().count(f"starting {ns}.{gone}:") == 2
