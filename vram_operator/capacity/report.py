@@ -155,7 +155,7 @@ def plot_results(results: Sequence[Result], directory: str | Path) -> list[Path]
     cold.bar(names, [r.cold_load_seconds / 3600 for r in results], color="tab:orange")
     cold.set_ylabel("cold-load hours")
     cold.set_title("load and wake time, summed", fontsize=10)
-    cold.tick_params(axis="x", labelsize=8)
+    cold.tick_params(axis="x", labelsize=8, labelrotation=30)
     figure.tight_layout()
     path = directory / "simulate.png"
     figure.savefig(path)
