@@ -391,7 +391,7 @@ class PipelineManager:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
+                process_group=0,  # its own group to signal; the server's session
                 env={**os.environ, "HF_HUB_CACHE": str(self.hub_cache)} if self.hub_cache else None,
             )
         except OSError as err:

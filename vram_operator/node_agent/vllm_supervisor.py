@@ -596,7 +596,7 @@ class ProcessManager:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.environment(child.spec),
-                start_new_session=True,
+                process_group=0,  # its own group to signal; the supervisor's session
                 preexec_fn=_die_with_parent,
             )
         except OSError as err:
@@ -815,7 +815,7 @@ class ProcessManager:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
+                process_group=0,  # its own group to signal; the supervisor's session
                 preexec_fn=_die_with_parent,
             )
         except OSError as err:

@@ -26,11 +26,14 @@ from .gpu import SimulatedGPUs
 GiB = 2**30
 BACKEND_NICENESS = 10
 """The backends of a simulated node (fake Ollama, the vLLM supervisor and its fake vLLM
-servers, the diffusion server) run at this niceness. They stand for another machine's work:
-on a shared test machine they yield the CPU to the control plane (API server, etcd, the
-operator) and to the agents, whose heartbeats the operator judges nodes by, as a GPU node's
-own CPUs never take it from them. At equal priority, ten nodes' fake vLLM start-ups (~0.7 CPU
-s each) starve the API server and stall heartbeats past their grace."""
+servers, the diffusion server) run at this niceness. Every process of a simulated node stays
+in the starting process's session (its own process group, to be signalled): Linux's
+autogroup scheduler shares the CPU equally between sessions, so one session per process gave
+each of ~100 fake vLLM start-ups (~0.7 CPU s each) as much CPU as the API server, which
+starved it and stalled heartbeats past their grace. Together in one session they stand for
+other machines' work: the control plane (API server, etcd, the operator, each a session of
+its own) keeps its share, and within the session the agents, whose heartbeats the operator
+judges nodes by, go before the backends."""
 _LISTENING = re.compile(r"listening on (http://[0-9.]+:[0-9]+)")
 
 
@@ -51,10 +54,14 @@ class ManagedProcess:
         log_path: Path,
         env: dict[str, str] | None,
         niceness: int = 0,
+        own_session: bool = True,
     ) -> None:
+        """`own_session`: a session of its own (a scheduling autogroup, and no terminal's
+        Ctrl-C); else only a process group of its own in the caller's session."""
         self.name = name
         self.argv = list(argv)
         self.niceness = niceness
+        self.own_session = own_session
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,7 +76,8 @@ class ManagedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
-            start_new_session=True,
+            start_new_session=self.own_session,
+            process_group=None if self.own_session else 0,
         )
 
     @property
@@ -176,6 +184,7 @@ class SimulatedNode:
                 self.dir / "vllm-supervisor.log",
                 self.env,
                 BACKEND_NICENESS,
+                own_session=False,
             )
             self.supervisor.start()
             self.supervisor_url = f"http://127.0.0.1:{port}"
@@ -232,6 +241,7 @@ class SimulatedNode:
             self.dir / "diffusion-server.log",
             self.env,
             BACKEND_NICENESS,
+            own_session=False,
         )
         self.diffusion_server.start()
         self.diffusion_server.wait_for_line(_LISTENING)
@@ -257,6 +267,7 @@ class SimulatedNode:
             self.dir / "ollama.log",
             self.env,
             BACKEND_NICENESS,
+            own_session=False,
         )
         self.ollama.start()
         self.ollama.wait_for_line(_LISTENING)
@@ -283,7 +294,9 @@ class SimulatedNode:
             *(["--diffusion-server-url", self.diffusion_url] if self.diffusion_url else []),
             *self.agent_args,
         ]
-        self.agent = ManagedProcess(f"{self.name}/agent", argv, self.dir / "agent.log", self.env)
+        self.agent = ManagedProcess(
+            f"{self.name}/agent", argv, self.dir / "agent.log", self.env, own_session=False
+        )
         self.agent.start()
 
     def processes(self) -> list[ManagedProcess]:
