@@ -429,8 +429,10 @@ def markdown(
         f"{args.gpu_gib:g} GiB simulated GPU each, applied one after another as fast as the API "
         f"server takes them; agents `--report-interval {REPORT_INTERVAL:g}`, operator "
         f"`--heartbeat-grace {HEARTBEAT_GRACE:g}`; every process of a simulated node and the "
-        f"operator share this machine with the API server, the nodes' backends at niceness "
-        f"{BACKEND_NICENESS} (`vram_operator.simulation.nodes`), etcd's data in "
+        f"operator share this machine with the API server; the nodes' processes share one "
+        f"session (one CPU share under Linux's autogroup scheduler, as other machines' work), "
+        f"their backends at niceness {BACKEND_NICENESS} (`vram_operator.simulation.nodes`); "
+        f"etcd's data in "
         f"{memory_dir() or 'the temp folder (no /dev/shm)'}",
         f"- baseline: the operator, agents, vLLM supervisors and fake backends of {baseline} "
         "(a git worktree on PYTHONPATH), with the current CRDs; each run on a fresh control "
