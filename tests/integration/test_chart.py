@@ -1059,6 +1059,7 @@ def test_an_agent_with_the_charts_rights_waits_for_the_operators_gpunode(
         assert found.metadata["name"] == node
         status = GPUNodeStatus(last_heartbeat_time=now(), agent_version="test", gpu_count=0)
         assert store.write_status(status) == 0
-        assert custom.get_cluster_custom_object(GROUP, VERSION, "gpunodes", node)["status"]
+        stored: Any = custom.get_cluster_custom_object(GROUP, VERSION, "gpunodes", node)
+        assert stored["status"]["agentVersion"] == "test"
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, "gpunodes", node)
