@@ -58,6 +58,12 @@ class Scenario:
                 agent_args=AGENT_ARGS,
                 ollama_args=("--catalog", str(catalog)),
             )
+        # Placement only considers nodes that have reported: wait for every agent.
+        self.wait(
+            "every agent to report",
+            lambda: all((self.gpunode(n) or {}).get("status") for n in names),
+            timeout=60,
+        )
 
     def start_operator(self, *args: str) -> ManagedProcess:
         operator = self.cluster.start_operator("--heartbeat-grace", str(HEARTBEAT_GRACE), *args)
