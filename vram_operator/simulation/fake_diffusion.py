@@ -43,6 +43,7 @@ from vram_operator.diffusion.runtime import (
     png_size,
 )
 
+from .fake_hf_download import hub_cache
 from .gpu import SimulatedGPUs, SimulatedOutOfMemory
 
 OWNER_PREFIX = "diffusion"
@@ -270,13 +271,6 @@ def write_pipeline(folder: Path, model: str) -> None:
             (folder / name / "config.json").write_text(json.dumps({"model_type": "clip"}))
             _header_only(folder / name / "model.safetensors", int(family[name]))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-
-
-def hub_cache(environment: Mapping[str, str]) -> Path:
-    if environment.get("HF_HUB_CACHE"):
-        return Path(environment["HF_HUB_CACHE"])
-    home = environment.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-    return Path(home) / "hub"
 
 
 def download(model: str, environment: Mapping[str, str] | None = None) -> int:
