@@ -530,7 +530,8 @@ class NodeAgent:
 
     async def _make_room(self, key: str, gpu: GPU, needed: int) -> bool:
         """Wait for the models withdrawn from this GPU to finish unloading; False (and Failed,
-        InsufficientVRAM, for the operator to place it afresh) when `needed` still does not fit.
+        InsufficientVRAM, for the operator to place it afresh) when `needed` still does not fit
+        beside what the GPU holds and what the other models here are budgeted to hold.
 
         Which assigned model gives way to which is the operator's decision (it withdraws the
         ones it displaces): the agent never evicts an assigned model to load another.
@@ -545,7 +546,10 @@ class NodeAgent:
         if unloading:
             await asyncio.wait(unloading, timeout=UNLOAD_WAIT_SECONDS)
         fresh = {g.uuid: g for g in self._read_gpus().gpus}.get(gpu.uuid, gpu)
-        free = fresh.free_bytes - self.config.min_free_bytes
+        # Free is what neither the reading nor the book gives away: memory a resident model
+        # may still take (a pipeline's activation peak, a load waiting its turn) looks free.
+        booked = self.registry.vram_on(gpu.uuid, excluding=key)
+        free = fresh.total_bytes - max(fresh.used_bytes, booked) - self.config.min_free_bytes
         if free >= needed:
             return True
         namespace = key.partition(".")[0]

@@ -98,11 +98,12 @@ class Registry:
         with self._lock:
             self._entries.pop(key, None)
 
-    def vram_on(self, gpu_uuid: str) -> int:
-        """VRAM the agent's models hold or are loading onto one GPU."""
+    def vram_on(self, gpu_uuid: str, excluding: str | None = None) -> int:
+        """VRAM the agent's models hold, are loading or may still take on one GPU (a diffusion
+        pipeline's figure includes the activation peak it takes only while it renders)."""
         with self._lock:
             return sum(
                 e.vram_bytes or 0
                 for e in self._entries.values()
-                if e.gpu_uuid == gpu_uuid and e.state in ON_GPU
+                if e.gpu_uuid == gpu_uuid and e.state in ON_GPU and e.key != excluding
             )
