@@ -456,7 +456,7 @@ class ProcessManager:
         ports: range,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
-        health_interval: float = 0.5,
+        health_interval: float = 0.25,
         output: TextIO | None = None,
         port_is_free: Callable[[int], bool] = _port_is_free,
         gpu_source: GPUSource | None = None,

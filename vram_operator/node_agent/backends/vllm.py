@@ -140,7 +140,7 @@ class VLLMBackend:
         transport: Transport | None = None,
         retry: RetryPolicy | None = None,
         load_timeout: float = LOAD_TIMEOUT,
-        poll_interval: float = 1.0,
+        poll_interval: float = 0.25,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.base_url = supervisor_url.rstrip("/")
