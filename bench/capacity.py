@@ -105,11 +105,11 @@ PROSE = (
     "waking one needs room on its own GPU and displaces what is there, which the price does "
     "not see (the wakes in the detail table). The cost rule now prices a parkable victim at "
     "its reload when host RAM cannot take it.",
-    "4. In a cluster the agent passes the policy no request rate (`node_agent/agent.py` "
-    "builds its `Resident`s without one), so `cost` reads 1 / idle time as the rate: recency "
-    "times cost per byte. The simulator feeds it the decayed rate (half-life 600 s) that the "
-    "gateway's request counts would give; until the agent does the same, these `cost` figures"
-    " are not what a cluster would see.",
+    "4. The rate the `cost` policy weighs is the same figure in the simulator and in a "
+    "cluster: request counts decayed with a 600 s half-life (`eviction.DecayedRates`), from the"
+    " trace here and, in a cluster, from the growth of the gateways' request counts, which the "
+    "agent reads with `--gateway-demand-url` (`node_agent/demand.py`). An agent without a "
+    "gateway has no rate, and `cost` reads 1 / idle time instead: recency times cost per byte.",
     "5. Unserved requests: an incoming model displaces only models of its own priority or "
     "lower, so a low-priority model waits, and is given up after 600 s, while GPUs hold idle "
     "normal ones; in the 4-GPU cells almost all of them are one popular low model, under "

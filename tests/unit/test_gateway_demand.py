@@ -10,6 +10,7 @@ import pytest
 from vram_operator.api import Backend, ModelState
 from vram_operator.node_agent.backends.base import ResidentInfo
 from vram_operator.node_agent.demand import SCHEMA, DemandAwareBackend, GatewayDemand, merge
+from vram_operator.node_agent.eviction import DecayedRates
 
 pytestmark = pytest.mark.unit
 
@@ -98,3 +99,64 @@ async def test_resident_models_take_the_later_of_backend_and_gateway_times() -> 
     reported = await wrapped.list_resident()
     assert [r.last_access for r in reported] == [later, later, None]
     assert wrapped.kind is Backend.OLLAMA
+
+
+def counted(*entries: tuple[str, str, str, int]) -> dict[str, Any]:
+    """A replica's snapshot with request counts."""
+    return {
+        "schema": SCHEMA,
+        "models": [
+            {"key": key, "backend": backend, "model": model, "requests": requests}
+            for key, backend, model, requests in entries
+        ],
+    }
+
+
+class Replicas(GatewayDemand):
+    """The real refresh over given replicas: each read answers that address's next snapshot."""
+
+    def __init__(self, reads: dict[str, list[dict[str, Any] | None]]) -> None:
+        super().__init__("http://gateway:8080", interval=0, resolver=lambda _h, _p: list(reads))
+        self.reads = reads
+
+    async def _read(self, address: str) -> dict[str, Any] | None:
+        return self.reads[address].pop(0)
+
+
+def test_decayed_rates_read_a_steady_rate_and_halve_over_a_half_life() -> None:
+    rates = DecayedRates(half_life=60)
+    for second in range(6000):
+        rates.add("m", 2.0, float(second))
+    assert rates.rate("m", 5999.0) == pytest.approx(2.0, rel=0.02)
+    assert rates.rate("m", 6059.0) == pytest.approx(rates.rate("m", 5999.0) / 2, rel=1e-9)
+    assert rates.rate("never", 10.0) == 0.0
+    with pytest.raises(ValueError, match="half_life"):
+        DecayedRates(half_life=0)
+
+
+async def test_request_rates_come_from_the_growth_of_every_replicas_counts() -> None:
+    demand = Replicas(
+        {
+            "10.0.0.1": [
+                counted(("default.a", "ollama", "llama3.2:1b", 10)),
+                counted(("default.a", "ollama", "llama3.2:1b", 70)),
+            ],
+            # Restarted between the reads: its count starts again from zero.
+            "10.0.0.2": [
+                counted(("default.a", "ollama", "llama3.2:1b", 5)),
+                counted(("default.a", "ollama", "llama3.2:1b", 2)),
+            ],
+        }
+    )
+    wrapped = DemandAwareBackend(Inner([info("llama3.2:1b", T0)]), demand)  # type: ignore[arg-type]
+    first = await wrapped.list_resident()
+    # The first read is only a starting point: when those 15 requests came is unknown.
+    assert first[0].request_rate == 0.0
+    (second,) = await wrapped.list_resident()
+    assert second.request_rate == pytest.approx(62 / DecayedRates().tau, rel=1e-3)
+    by_key = ResidentInfo(
+        model="other", key="default.a", vram_bytes=None, gpu_uuid=None, state=ModelState.LOADED
+    )
+    assert demand.request_rate(by_key, Backend.OLLAMA) == pytest.approx(second.request_rate)
+    assert demand.request_rate(info("qwen2.5:7b", None), Backend.OLLAMA) is None
+    await demand.aclose()

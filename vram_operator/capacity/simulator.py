@@ -40,6 +40,8 @@ from vram_operator.api import GPU, Assignment, ModelState, Priority
 from vram_operator.api.budget import reserve_bytes
 from vram_operator.node_agent.eviction import (
     POLICIES,
+    RATE_HALF_LIFE_SECONDS,
+    DecayedRates,
     EvictionConfig,
     Resident,
     RoomPlan,
@@ -157,22 +159,6 @@ class _Copy:
     hold: int
 
 
-class _Demand:
-    """Exponentially decayed request counts: the online rate figure the gateway would report."""
-
-    def __init__(self, count: int, half_life: float) -> None:
-        self.tau = half_life / math.log(2)
-        self.value = [0.0] * count
-        self.at = [0.0] * count
-
-    def hit(self, model: int, now: float) -> None:
-        self.value[model] = self.value[model] * math.exp((self.at[model] - now) / self.tau) + 1.0
-        self.at[model] = now
-
-    def rate(self, model: int, now: float) -> float:
-        return self.value[model] * math.exp((self.at[model] - now) / self.tau) / self.tau
-
-
 class Simulation:
     """One policy over one trace; `run()` returns its Result."""
 
@@ -183,7 +169,7 @@ class Simulation:
         trace: Trace,
         policy: str,
         *,
-        rate_half_life: float = 600.0,
+        rate_half_life: float = RATE_HALF_LIFE_SECONDS,
         max_wait: float = 600.0,
         samples: int = 300,
         record_events: bool = False,
@@ -205,7 +191,7 @@ class Simulation:
         self.requests, self.unknown = resolve(
             trace, [m.key for m in self.models], [m.ref for m in self.models]
         )
-        self.demand = _Demand(len(self.models), rate_half_life)
+        self.demand = DecayedRates(rate_half_life)
         self.true_rate = self._true_rates() if policy.startswith("oracle-") else None
         self.next_use = self._first_uses()
         self.next_time = self._next_times() if policy == "offline" else []
@@ -499,7 +485,7 @@ class Simulation:
                 result.unmatched += 1
                 continue
             result.requests += 1
-            self.demand.hit(model, now)
+            self.demand.add(model, 1.0, now)
             if offline:
                 self.next_use[model] = self.next_time[i]
             self.last_access[model] = now
@@ -718,7 +704,7 @@ def simulate(
     trace: Trace,
     policies: Sequence[str] = POLICY_NAMES,
     *,
-    rate_half_life: float = 600.0,
+    rate_half_life: float = RATE_HALF_LIFE_SECONDS,
     progress: Callable[[Result], None] | None = None,
 ) -> list[Result]:
     """Every policy over the same trace, in the order given."""

@@ -791,6 +791,8 @@ class NodeAgent:
                     changes: dict[str, object] = {}
                     if info.last_access and info.last_access != entry.last_access:
                         changes["last_access"] = info.last_access
+                    if info.request_rate != entry.request_rate:
+                        changes["request_rate"] = info.request_rate
                     if info.vram_bytes and info.state is ModelState.LOADED:
                         changes["vram_bytes"] = info.vram_bytes
                         changes["vram_source"] = "measured"
@@ -906,6 +908,7 @@ class NodeAgent:
             loaded_at=entry.loaded_at.timestamp() if entry.loaded_at else self._clock(),
             last_access=entry.last_access.timestamp() if entry.last_access else 0.0,
             can_park=entry.can_park,
+            request_rate=entry.request_rate,
         )
 
     def _now(self) -> dt.datetime:

@@ -1,4 +1,5 @@
-"""The gateway's demand, read by the agent: each model's last request time, for eviction recency.
+"""The gateway's demand, read by the agent: each model's last request time, for eviction recency,
+and its request rate lately, for the `cost` policy's frequency.
 
 The gateway keeps per-deployment figures in memory and serves them at GET /demand on every
 replica (vram_operator.gateway.demand says why it never writes them to the API server). The
@@ -35,6 +36,7 @@ from vram_operator.api.demand import DEMAND_SCHEMA
 from .backends.base import LoadRequest, ModelBackend, ProgressCallback, ResidentInfo
 from .backends.ollama_names import normalize_model_name
 from .estimate import Estimate
+from .eviction import DecayedRates
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,25 @@ def merge(snapshots: Sequence[dict[str, Any]]) -> dict[Any, dt.datetime]:
     return latest
 
 
+def request_totals(snapshot: dict[str, Any]) -> dict[Any, int]:
+    """One replica's request counts, per deployment key and per (backend, model); none for a
+    snapshot of another schema."""
+    totals: dict[Any, int] = {}
+    if snapshot.get("schema") != SCHEMA:
+        return totals
+    for entry in snapshot.get("models") or []:
+        count = entry.get("requests")
+        if not isinstance(count, int) or count < 0:
+            continue
+        for key in (entry.get("key"), _model_key(entry["backend"], entry["model"])):
+            if key is not None:
+                totals[key] = totals.get(key, 0) + count
+    return totals
+
+
 class GatewayDemand:
-    """The gateways' last request times, refreshed at most once per `interval`."""
+    """The gateways' last request times and request rates, refreshed at most once per
+    `interval`."""
 
     def __init__(self, url: str, interval: float = 5.0, resolver: Resolver = resolve_all) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -84,6 +103,9 @@ class GatewayDemand:
         self.interval = interval
         self._resolver = resolver
         self._latest: dict[Any, dt.datetime] = {}
+        self._totals: dict[tuple[str, Any], int] = {}
+        """The last request count per (gateway address, key): rates come from its growth."""
+        self._rates = DecayedRates()
         self._read_at = -float("inf")
         self._session: aiohttp.ClientSession | None = None
 
@@ -101,6 +123,23 @@ class GatewayDemand:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         snapshots = await asyncio.gather(*(self._read(a) for a in addresses))
         self._latest = merge([s for s in snapshots if s is not None])
+        now = time.monotonic()
+        for address, snapshot in zip(addresses, snapshots, strict=True):
+            if snapshot is not None:
+                self._count(address, request_totals(snapshot), now)
+
+    def _count(self, address: str, totals: dict[Any, int], now: float) -> None:
+        """Add what one replica's counts grew by since its last read. Its first read is only a
+        starting point (when those requests came is unknown); a count that went down is a
+        restarted gateway, counting from zero again."""
+        for key, total in totals.items():
+            seen = self._totals.get((address, key))
+            self._totals[(address, key)] = total
+            if seen is None:
+                continue
+            grown = total - seen if total >= seen else total
+            if grown:
+                self._rates.add(key, grown, now)
 
     async def _read(self, address: str) -> dict[str, Any] | None:
         host = f"[{address}]" if ":" in address else address
@@ -121,13 +160,24 @@ class GatewayDemand:
         times = [t for t in (by_key, by_model) if t is not None]
         return max(times) if times else None
 
+    def request_rate(self, info: ResidentInfo, backend: Backend) -> float | None:
+        """Requests per second lately for the model `info` reports; None if no gateway has
+        counted it."""
+        counted = {key for _, key in self._totals}
+        now = time.monotonic()
+        for key in (info.key, _model_key(backend.value, info.model)):
+            if key is not None and key in counted:
+                return self._rates.rate(key, now)
+        return None
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
 class DemandAwareBackend:
-    """A backend whose resident models' last access includes the gateway's requests."""
+    """A backend whose resident models' last access includes the gateway's requests, and whose
+    request rates are the gateway's."""
 
     def __init__(self, inner: ModelBackend, demand: GatewayDemand) -> None:
         self.inner = inner
@@ -152,6 +202,9 @@ class DemandAwareBackend:
             requested = self.demand.last_request(info, self.inner.kind)
             if requested is not None and (info.last_access is None or info.last_access < requested):
                 info = dataclasses.replace(info, last_access=requested)
+            rate = self.demand.request_rate(info, self.inner.kind)
+            if rate is not None:
+                info = dataclasses.replace(info, request_rate=rate)
             result.append(info)
         return result
 

@@ -296,6 +296,42 @@ def comeback_seconds(resident: Resident, config: EvictionConfig = DEFAULT_CONFIG
     return min(reload, wake)
 
 
+RATE_HALF_LIFE_SECONDS = 600.0
+"""How fast a request rate forgets: a request counts half as much 10 minutes later."""
+
+
+class DecayedRates:
+    """Request rates that forget exponentially: the `request_rate` the `cost` policy weighs.
+
+    Counts added at a time decay with `half_life`; the rate is the decayed count over the
+    decay's time constant, so a steady `r` requests per second reads `r` once the history is
+    long enough. One figure, shared by the agent (from the gateways' request counts) and the
+    capacity simulator (from the trace).
+    """
+
+    def __init__(self, half_life: float = RATE_HALF_LIFE_SECONDS) -> None:
+        if not (math.isfinite(half_life) and half_life > 0):
+            raise ValueError(f"half_life must be a positive number of seconds, got {half_life}")
+        self.tau = half_life / math.log(2)
+        self._value: dict[object, float] = {}
+        self._at: dict[object, float] = {}
+
+    def add(self, key: object, count: float, now: float) -> None:
+        """`count` requests for `key` at `now` (seconds on any clock that only goes forward)."""
+        value = self._value.get(key, 0.0)
+        if value:
+            value *= math.exp((self._at[key] - now) / self.tau)
+        self._value[key] = value + count
+        self._at[key] = now
+
+    def rate(self, key: object, now: float) -> float:
+        """Requests per second lately; 0 for a key never counted."""
+        value = self._value.get(key)
+        if not value:
+            return 0.0
+        return value * math.exp((self._at[key] - now) / self.tau) / self.tau
+
+
 def keep_value(resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG) -> float:
     """The `cost` policy's worth of keeping it: weight x rate x comeback seconds per GiB.
 

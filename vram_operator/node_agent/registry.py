@@ -42,6 +42,8 @@ class Entry:
     """Failed in a way trying again cannot fix: retried only when its assignment changes."""
     endpoint: str | None = None
     """Where it answers requests, as the backend reports."""
+    request_rate: float | None = None
+    """Requests per second lately, from the gateways' counts; None without them."""
 
     def to_status(self) -> ResidentModel:
         return ResidentModel(

@@ -75,6 +75,8 @@ class ResidentInfo:
     endpoint: str | None = None
     """Where clients reach the model from outside the pod, where the backend says (vLLM:
     `http://POD_IP:PORT/{key}`, its OpenAI base URL being that + /v1); None if unknown."""
+    request_rate: float | None = None
+    """Requests per second lately, where the gateways count them (`node_agent.demand`)."""
 
 
 @dataclass(frozen=True)
