@@ -81,6 +81,67 @@ class Outcome:
     held_twice: list[str]
     audit_errors: list[str]
     dead: list[str] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per component over the run (`cpu_by_component`)."""
+
+
+CPU_GROUPS = (
+    ("API server and etcd", "api"),
+    ("operator", "operator"),
+    ("agents", "agent"),
+    ("vLLM supervisors with their fake vLLM servers", "vllm-supervisor"),
+    ("fake Ollama", "ollama"),
+    ("this script (applies, lists, records every version)", "script"),
+)
+"""The components whose CPU time the run reports, by the key `cpu_by_component` files under."""
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from the state field on (the name before it may hold spaces)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time of these processes, of the children they reaped and of their live descendants.
+
+    Reaped children are in the parent's cutime/cstime, so a vLLM server started and stopped
+    during the run still counts towards its supervisor.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks = 0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        todo.extend(children.get(pid, []))
+    return ticks / _CLOCK_TICKS
+
+
+def cpu_by_component(cp: LocalControlPlane, cluster: SimulatedCluster) -> dict[str, float]:
+    """CPU seconds each component has used since it started, read before anything stops."""
+    by_kind: dict[str, list[int]] = {"api": cp.pids, "operator": []}
+    for process in cluster.operators:
+        if process.pid is not None:
+            by_kind["operator"].append(process.pid)
+    for node in cluster.nodes.values():
+        for process in node.processes():
+            if process.pid is not None:
+                by_kind.setdefault(process.name.rsplit("/", 1)[-1], []).append(process.pid)
+    own = os.times()
+    figures = {kind: cpu_seconds(pids) for kind, pids in by_kind.items()}
+    figures["script"] = own.user + own.system
+    return figures
 
 
 def _condition(body: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
@@ -292,6 +353,7 @@ def _run(
                 print(f"[{label}] {elapsed:5.0f} s: {waiting} not settled", flush=True)
                 time.sleep(1.0)
             seconds = min(time.monotonic() - first, cap) if not done else elapsed
+            cpu = cpu_by_component(cp, cluster)
             audit.sample()
             audit.stop()
             ready_at: dict[str, float] = {}
@@ -330,6 +392,7 @@ def _run(
                 held_twice=audit.held_twice(replicas),
                 audit_errors=[repr(e) for e in audit.errors],
                 dead=dead,
+                cpu=cpu,
             )
         finally:
             audit.stop()
@@ -385,6 +448,10 @@ def rows(outcomes: Sequence[Outcome], count: int) -> list[tuple[str, list[str]]]
         ),
         ("models held twice (samples)", [str(len(o.held_twice)) for o in outcomes]),
     ]
+    table.extend(
+        (f"CPU seconds: {what}", [f"{o.cpu.get(kind, 0.0):.0f}" for o in outcomes])
+        for what, kind in CPU_GROUPS
+    )
     if any(o.dead for o in outcomes):
         table.append(("processes dead at the end", [", ".join(o.dead) or "none" for o in outcomes]))
     if any(o.audit_errors for o in outcomes):
@@ -445,6 +512,10 @@ def markdown(
         "Settled: Ready, or short of replicas for a reason capacity gives, with every placed "
         "replica Loaded (`vram_operator.simulation.burst.settled`). The truth figures come from "
         "`vram_operator.simulation.audit` over every recorded object version, not only the last.",
+        "CPU seconds: each component's processes, the children they reaped and their live "
+        "descendants, from /proc, since each started (the nodes and the operator start before "
+        "the first apply), read when every object settled or at the cap; the machine has "
+        f"{os.cpu_count()} cores' worth per second of wall time.",
         *(
             [
                 "",
