@@ -8,6 +8,9 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 [[ -x "${VENV}/bin/python" ]] || "${PYTHON}" -m venv "${VENV}"
 "${VENV}/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+# Simulated nodes start a Python process per backend and per vLLM model; where
+# PYTHONDONTWRITEBYTECODE is set each would compile the package again: compile it once.
+"${VENV}/bin/python" -m compileall -q vram_operator
 export PATH="${PWD}/${VENV}/bin:${PATH}"
 bash scripts/install-control-plane.sh
 exec vram-operator demo "$@"

@@ -18,6 +18,9 @@ fi
 # pipelines of every Stable Diffusion family; the package itself never needs it.
 log "installing vram-operator[test,diffusion] into ${VENV}"
 "${VENV}/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,diffusion]"
+# Simulated nodes start a Python process per backend and per vLLM model; where
+# PYTHONDONTWRITEBYTECODE is set each would compile the package again: compile it once.
+"${VENV}/bin/python" -m compileall -q vram_operator
 export PATH="${PWD}/${VENV}/bin:${PATH}"
 
 log "installing the local control plane (cached after the first build)"

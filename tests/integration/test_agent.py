@@ -34,13 +34,13 @@ from vram_operator.api import (
     Priority,
     ResidentModel,
 )
-from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from vram_operator.api.gpunode import PLURAL
 from vram_operator.simulation.cluster import SimulatedCluster
+from vram_operator.simulation.fake_vllm import INSTANCE_OVERHEAD_BYTES
 from vram_operator.simulation.gpu import GIB, SimulatedGPUs, simulated_uuid
 from vram_operator.simulation.nodes import SimulatedNode
 
-QWEN_HELD = 4 * GIB + VLLM_INSTANCE_OVERHEAD_BYTES
+QWEN_HELD = 4 * GIB + INSTANCE_OVERHEAD_BYTES
 """A 4 GiB vLLM budget on a 16 GiB GPU (utilization 0.25 exactly) and the instance overhead."""
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
+from vram_operator.simulation.fake_vllm import INSTANCE_OVERHEAD_BYTES
 from vram_operator.simulation.gpu import GIB, SimulatedGPUs
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ async def test_vllm_as_a_process(gpus: SimulatedGPUs, state: Path) -> None:
         async with aiohttp.ClientSession() as session, session.get(f"{match[1]}/health") as health:
             assert health.status == 200
         owner = f"pid:{process.pid}:vllm:{match[2]}"
-        assert gpus.device(1).allocations == {owner: 6 * GIB + VLLM_INSTANCE_OVERHEAD_BYTES}
+        assert gpus.device(1).allocations == {owner: 6 * GIB + INSTANCE_OVERHEAD_BYTES}
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), 20)

@@ -26,7 +26,6 @@ import aiohttp
 import pytest
 
 from vram_operator.api import ModelState
-from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
 from vram_operator.node_agent.backends import (
     AiohttpTransport,
     BackendError,
@@ -34,7 +33,7 @@ from vram_operator.node_agent.backends import (
     RetryPolicy,
     VLLMBackend,
 )
-from vram_operator.simulation.fake_vllm import SLEEP_RESIDUAL
+from vram_operator.simulation.fake_vllm import INSTANCE_OVERHEAD_BYTES, SLEEP_RESIDUAL
 from vram_operator.simulation.gpu import GIB, SimulatedGPUs
 
 pytestmark = pytest.mark.integration
@@ -213,7 +212,7 @@ async def test_a_model_runs_with_its_budget_and_parks_in_host_ram(
         pid, port = int(entry["pid"]), entry["port"]
         assert entry["gpuMemoryUtilization"] == 0.25
         budget = int(0.25 * TOTAL)
-        full = budget + VLLM_INSTANCE_OVERHEAD_BYTES
+        full = budget + INSTANCE_OVERHEAD_BYTES
         assert supervisor.held() == {f"pid:{pid}:vllm:{port}": full}
         assert info.vram_bytes == full
 
@@ -222,7 +221,7 @@ async def test_a_model_runs_with_its_budget_and_parks_in_host_ram(
         assert int((await supervisor.entries())["ns.qwen"]["pid"]) == pid
 
         await backend.park("ns.qwen", "Qwen/Qwen2.5-0.5B-Instruct")
-        residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
+        residual = INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
         assert sum(supervisor.held().values()) == residual
         (parked,) = await backend.list_resident()
         assert parked.state is ModelState.SLEEPING

@@ -25,7 +25,8 @@ from vram_operator.diffusion.runtime import png_size
 from vram_operator.diffusion.server import SETTINGS, build_apps
 from vram_operator.node_agent.backends import BackendError, DiffusersBackend, LoadRequest
 from vram_operator.simulation.fake_diffusion import FakeRuntime, write_pipeline
-from vram_operator.simulation.gpu import GIB, SimulatedGPUs, SimulatedGPUSource
+from vram_operator.simulation.gpu import GIB, SimulatedGPUs
+from vram_operator.simulation.gpu_source import SimulatedGPUSource
 
 pytestmark = pytest.mark.unit
 

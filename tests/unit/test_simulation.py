@@ -9,6 +9,8 @@ import json
 import math
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,17 +36,17 @@ from vram_operator.simulation.fake_ollama import (
     serve,
 )
 from vram_operator.simulation.fake_ollama import main as fake_ollama_main
-from vram_operator.simulation.fake_vllm import SLEEP_RESIDUAL, FakeVLLM
+from vram_operator.simulation.fake_vllm import INSTANCE_OVERHEAD_BYTES, SLEEP_RESIDUAL, FakeVLLM
 from vram_operator.simulation.gpu import (
     GIB,
     SimulatedGPUs,
-    SimulatedGPUSource,
     SimulatedOutOfMemory,
     UnknownGPU,
     main,
     pid_of,
     simulated_uuid,
 )
+from vram_operator.simulation.gpu_source import SimulatedGPUSource
 
 pytestmark = pytest.mark.unit
 
@@ -504,12 +506,12 @@ def fake_vllm_server(
 async def test_vllm_sleep_and_wake_move_vram(gpus: SimulatedGPUs) -> None:
     fake = fake_vllm_server(gpus)
     budget = 12 * GIB  # utilization 0.5 of 24 GiB, and the context outside it
-    full = budget + VLLM_INSTANCE_OVERHEAD_BYTES
+    full = budget + INSTANCE_OVERHEAD_BYTES
     async with serving(fake.app()) as client:
         assert gpus.device(1).used_bytes == full
         assert (await client.post("/sleep", params={"level": "1"})).status == 200
         assert await (await client.get("/is_sleeping")).json() == {"is_sleeping": True}
-        residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
+        residual = INSTANCE_OVERHEAD_BYTES + math.ceil(budget * SLEEP_RESIDUAL)
         assert gpus.device(1).used_bytes == residual
         gpus.pressure(1, 20 * GIB)
         refused = await client.post("/wake_up")
@@ -672,3 +674,19 @@ def test_vllm_main_frees_stale_memory_and_reports_failed_start(
     gpus.pressure(0, 20 * GIB)
     assert fake_vllm.main(argv) == 1
     assert "torch.OutOfMemoryError: CUDA out of memory" in capsys.readouterr().err
+
+
+def test_the_operators_vllm_budget_covers_what_an_instance_holds_outside_its_share() -> None:
+    """The fake's overhead is vLLM's, its own figure; the budget must not fall short of it."""
+    assert VLLM_INSTANCE_OVERHEAD_BYTES >= INSTANCE_OVERHEAD_BYTES
+
+
+def test_a_fake_vllm_starts_without_the_api_models() -> None:
+    """Started once per model, it must not pay for the pydantic models (about 0.4 s a start)."""
+    probe = "import sys, vram_operator.simulation.fake_vllm; print(sorted(sys.modules))"
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert "'vram_operator.simulation.fake_vllm'" in found
+    assert "'vram_operator.api'" not in found
+    assert "'pydantic'" not in found

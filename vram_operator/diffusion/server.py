@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _runtime_and_gpus(args: argparse.Namespace) -> tuple[Runtime, GPUSource]:
     if args.simulate:
         from vram_operator.simulation.fake_diffusion import FakeRuntime
-        from vram_operator.simulation.gpu import SimulatedGPUSource
+        from vram_operator.simulation.gpu_source import SimulatedGPUSource
 
         return FakeRuntime(args.simulate), SimulatedGPUSource(args.simulate)
     from .torch_runtime import TorchRuntime

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _gpu_source(args: argparse.Namespace) -> GPUSource:
     if args.simulate_gpus:
-        from vram_operator.simulation.gpu import SimulatedGPUSource
+        from vram_operator.simulation.gpu_source import SimulatedGPUSource
 
         return SimulatedGPUSource(args.simulate_gpus)
     return detect_gpu_source()

@@ -70,13 +70,18 @@ from prometheus_client import (
     generate_latest,
 )
 
-from vram_operator.api.budget import VLLM_INSTANCE_OVERHEAD_BYTES
-
-from .fake_ollama import bind, serve, stop_on_signals
 from .gpu import SimulatedGPUs, SimulatedOutOfMemory, UnknownGPU
+from .serving import bind, serve, stop_on_signals
 
 VERSION = "0.11.0"
 """The vLLM version it reports (vllm/version.py of the pinned release)."""
+
+INSTANCE_OVERHEAD_BYTES = 512 * 2**20
+"""What one `vllm serve` holds outside --gpu-memory-utilization: the CUDA context and the
+CUDA-graph pool of a small model (vllm/v1/worker/gpu_worker.py sizes the KV cache within the
+budget; those two come on top). The fake's own figure, not imported from the operator's budget
+(`vram_operator.api.budget`): a budget that fell short of it must fail tests, not move the fake
+along with it."""
 
 SLEEP_RESIDUAL = 0.05
 """Share of its budget a sleeping server keeps besides its context (allocator pools)."""
@@ -145,7 +150,7 @@ class FakeVLLM:
         # outside it (vLLM 0.11.0 v1/worker/gpu_worker.py); the accounting rule in
         # vram_operator.api.budget charges the same.
         self.budget_bytes = int(gpu_memory_utilization * self.device.total_bytes)
-        self.allocation_bytes = self.budget_bytes + VLLM_INSTANCE_OVERHEAD_BYTES
+        self.allocation_bytes = self.budget_bytes + INSTANCE_OVERHEAD_BYTES
         self.sleeping = False
         self._in_flight = 0
         self._created = int(time.time())
@@ -550,7 +555,7 @@ class FakeVLLM:
             return self.crash(f"/sleep with {self._in_flight} request(s) in flight")
         if not self.sleeping:
             # Level 1 offloads the weights and drops the KV cache; the context stays.
-            residual = VLLM_INSTANCE_OVERHEAD_BYTES + math.ceil(self.budget_bytes * SLEEP_RESIDUAL)
+            residual = INSTANCE_OVERHEAD_BYTES + math.ceil(self.budget_bytes * SLEEP_RESIDUAL)
             self.gpus.set_allocation(self.device.uuid, self.owner, residual)
             self.sleeping = True
         return web.Response()

@@ -11,6 +11,11 @@ Memory is held by *owners*, free-form names. Two conventions:
   (other owners as pid 0), as NVML lists compute processes.
 - `external:...` is memory held by processes the agent does not manage (see `pressure`).
 
+The state file alone, with nothing of the API models: every fake vLLM imports this module when
+it starts, once per model, and the API models would cost each start about 0.4 s of CPU; the
+agent's GPU source over it is `gpu_source`, and the command line imports the byte quantities
+when it runs.
+
 Unlike a real GPU, nothing frees an owner's memory when its process dies: a backend that was
 killed leaves its allocations behind until someone calls `release`. The fake servers release
 their own stale allocations when they start, which is what a real GPU does for a dead process.
@@ -32,9 +37,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-from vram_operator.api import GPU, format_bytes, parse_bytes
-from vram_operator.node_agent.monitors.gpu import GPUProcess, GPUReading
 
 GIB = 2**30
 DEFAULT_TOTAL_BYTES = 80 * GIB
@@ -86,18 +88,6 @@ class SimulatedDevice:
     @property
     def free_bytes(self) -> int:
         return max(self.total_bytes - self.used_bytes, 0)
-
-    def to_gpu(self) -> GPU:
-        """The device as the agent's API model reports a GPU."""
-        return GPU(
-            index=self.index,
-            uuid=self.uuid,
-            name=self.name,
-            total_bytes=self.total_bytes,
-            used_bytes=self.used_bytes,
-            free_bytes=self.free_bytes,
-            temperature_celsius=self.temperature_celsius,
-        )
 
 
 def simulated_uuid(node: str, index: int) -> str:
@@ -272,39 +262,6 @@ class SimulatedGPUs:
             raise
 
 
-class SimulatedGPUSource:
-    """The agent's GPU source over a simulated node: the `GPUSource` protocol of the monitors.
-
-    Chosen only by an explicit agent option; never detected.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._gpus = SimulatedGPUs(path)
-
-    def read(self) -> GPUReading:
-        """The GPUs and their owners as processes; an unreadable state file means no GPUs."""
-        try:
-            devices = self._gpus.devices()
-        except (OSError, ValueError) as err:
-            return GPUReading(
-                gpus=[], processes={}, source=SOURCE_NAME, unavailable=[f"simulated GPUs: {err}"]
-            )
-        return GPUReading(
-            gpus=[device.to_gpu() for device in devices],
-            processes={
-                device.uuid: [
-                    GPUProcess(pid=pid_of(owner), used_bytes=held)
-                    for owner, held in sorted(device.allocations.items())
-                ]
-                for device in devices
-            },
-            source=SOURCE_NAME,
-        )
-
-    def close(self) -> None:
-        """Nothing is held between reads."""
-
-
 def _check_size(nbytes: int) -> None:
     if nbytes < 0:
         raise ValueError(f"an allocation cannot be negative, got {nbytes}")
@@ -339,6 +296,8 @@ def _entry(state: State, ref: str | int, path: Path) -> tuple[SimulatedDevice, d
 
 
 def _describe(devices: list[SimulatedDevice]) -> str:
+    from vram_operator.api import format_bytes  # the CLI's only: see the module's docstring
+
     lines: list[str] = []
     for device in devices:
         lines.append(
@@ -354,7 +313,14 @@ def _describe(devices: list[SimulatedDevice]) -> str:
 
 
 def _sizes(text: str) -> list[int]:
+    from vram_operator.api import parse_bytes  # the CLI's only: see the module's docstring
+
     return [parse_bytes(part) for part in text.split(",")]
+
+
+def _size(text: str) -> int:
+    (size,) = _sizes(text)
+    return size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "external", help="hold memory as a process the agent does not manage (0 lifts it)"
     )
     external.add_argument("--uuid", required=True, help="GPU UUID or index")
-    external.add_argument("--bytes", type=parse_bytes, required=True, help="e.g. 10Gi")
+    external.add_argument("--bytes", type=_size, required=True, help="e.g. 10Gi")
     external.add_argument("--label", default="cli", help="owner becomes external:<label>")
     commands.add_parser("show", help="print each GPU and who holds its memory")
     for command in commands.choices.values():
