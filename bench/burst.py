@@ -516,6 +516,7 @@ def markdown(
         "Settled: Ready, or short of replicas for a reason capacity gives, with every placed "
         "replica Loaded (`vram_operator.simulation.burst.settled`). The truth figures come from "
         "`vram_operator.simulation.audit` over every recorded object version, not only the last.",
+        "",
         "CPU seconds: each component's processes, the children they reaped and their live "
         "descendants, from /proc, since each started (the nodes and the operator start before "
         "the first apply), read when every object settled or at the cap; the machine has "
