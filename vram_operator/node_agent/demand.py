@@ -105,6 +105,8 @@ class GatewayDemand:
         self._latest: dict[Any, dt.datetime] = {}
         self._totals: dict[tuple[str, Any], int] = {}
         """The last request count per (gateway address, key): rates come from its growth."""
+        self._counted: set[Any] = set()
+        """Keys some gateway has counted: only they have a rate."""
         self._rates = DecayedRates()
         self._read_at = -float("inf")
         self._session: aiohttp.ClientSession | None = None
@@ -135,6 +137,7 @@ class GatewayDemand:
         for key, total in totals.items():
             seen = self._totals.get((address, key))
             self._totals[(address, key)] = total
+            self._counted.add(key)
             if seen is None:
                 continue
             grown = total - seen if total >= seen else total
@@ -163,10 +166,9 @@ class GatewayDemand:
     def request_rate(self, info: ResidentInfo, backend: Backend) -> float | None:
         """Requests per second lately for the model `info` reports; None if no gateway has
         counted it."""
-        counted = {key for _, key in self._totals}
         now = time.monotonic()
         for key in (info.key, _model_key(backend.value, info.model)):
-            if key is not None and key in counted:
+            if key is not None and key in self._counted:
                 return self._rates.rate(key, now)
         return None
 

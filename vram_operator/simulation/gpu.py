@@ -312,15 +312,14 @@ def _describe(devices: list[SimulatedDevice]) -> str:
     return "\n".join(lines)
 
 
-def _sizes(text: str) -> list[int]:
+def _size(text: str) -> int:
     from vram_operator.api import parse_bytes  # the CLI's only: see the module's docstring
 
-    return [parse_bytes(part) for part in text.split(",")]
+    return parse_bytes(text)
 
 
-def _size(text: str) -> int:
-    (size,) = _sizes(text)
-    return size
+def _sizes(text: str) -> list[int]:
+    return [_size(part) for part in text.split(",")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
