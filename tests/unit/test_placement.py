@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import random
@@ -663,6 +664,15 @@ def test_try_reserve_checks_the_ledger_and_resizes_in_place() -> None:
     assert reservations.try_reserve(budget, "ns.a", 40 * GI, Priority.NORMAL)
     assert not reservations.try_reserve(budget, "ns.b", 1, Priority.NORMAL)
     assert reservations.snapshot() == {"g": {"ns.a": Hold(40 * GI, Priority.NORMAL)}}
+
+
+def test_a_view_works_out_its_budgets_once_and_a_replaced_copy_again() -> None:
+    view = node("a", gpu("g", 40), assignments=(assignment("ns.m", "g", 10),))
+    assert view.budgets() is view.budgets()
+    (budget,) = view.budgets()
+    assert budget.free() == budget.room - 10 * GI
+    (emptied,) = dataclasses.replace(view, assignments={}).budgets()
+    assert emptied.free() == emptied.room
 
 
 def test_try_reserve_counts_what_the_gpunode_shows_beyond_the_ledger() -> None:

@@ -226,10 +226,17 @@ class Simulation:
         self.held = 0
         self.used = dict.fromkeys(self.room, 0)
         """Bytes held per GPU, kept with on_gpu."""
-        self._residents: dict[int, tuple[_Copy, Resident]] = {}
-        """Residents built at `_residents_at`, by model: every figure in one is fixed for a
-        copy at one moment, except a request's, which drops its model's entry."""
-        self._residents_at = -math.inf
+        self._rate_varies = policy == "cost"
+        """Whether the policy weighs the decaying request rate, which changes every moment."""
+        self._residents: dict[int, tuple[_Copy, bool, float, Resident]] = {}
+        """The agent's view of each resident copy, by model, with whether it had loaded and the
+        moment it was built (see `_resident`); a request drops its model's entry."""
+        self._unweighed: dict[int, tuple[_Copy, bool, float, Resident]] = {}
+        """The same without the request rate, for the rules that never read it."""
+        self._node_views: dict[int, tuple[float, NodeView]] = {}
+        """Per node, when its current view was built and the view (see `_views`)."""
+        self._reclaim: dict[str, tuple[float, dict[int, int]]] = {}
+        """Per GPU, until when its `_reclaimable` figures hold, and the figures."""
         self.result = Result(
             policy=policy,
             capacity_bytes=sum(g.total_bytes for gpus in self.gpus for g in gpus),
@@ -320,9 +327,7 @@ class Simulation:
             tolerations=model.tolerations,
         )
 
-    def _view(
-        self, node: int, now: dt.datetime, assignments: dict[str, Assignment] | None = None
-    ) -> NodeView:
+    def _view(self, node: int, now: dt.datetime, assignments: dict[str, Assignment]) -> NodeView:
         spec = self.cluster.nodes[node]
         return NodeView(
             name=spec.name,
@@ -330,7 +335,7 @@ class Simulation:
             taints=spec.taints,
             heartbeat=now,
             gpus=self.gpus[node],
-            assignments=self.assignments[node] if assignments is None else assignments,
+            assignments=assignments,
             reserve_bytes=self.reserve,
         )
 
@@ -351,21 +356,34 @@ class Simulation:
             self._assignment_cache[(model, gpu)] = cached
         return cached
 
-    def _resident(self, copy: _Copy, now: float) -> Resident:
-        if now != self._residents_at:
-            self._residents.clear()
-            self._residents_at = now
-        known = self._residents.get(copy.model)
-        if known is not None and known[0] is copy:
-            return known[1]
-        resident = self._new_resident(copy, now)
-        self._residents[copy.model] = (copy, resident)
+    def _resident(self, copy: _Copy, now: float, *, weighed: bool = True) -> Resident:
+        """The agent's view of `copy` at `now`, rebuilt only when a figure in it changes: the
+        copy, its last use (a request drops the entry), whether it has loaded, and, where the
+        policy weighs the request rate (`cost`), the moment. `weighed=False` leaves the rate out,
+        for questions whose answer never reads it (`is_evictable`)."""
+        timed = weighed and self._rate_varies
+        cache = self._unweighed if self._rate_varies and not weighed else self._residents
+        loaded = copy.ready_at <= now
+        known = cache.get(copy.model)
+        if (
+            known is not None
+            and known[0] is copy
+            and known[1] is loaded
+            and (not timed or known[2] == now)
+        ):
+            return known[3]
+        resident = self._new_resident(copy, now, loaded, weighed=timed)
+        cache[copy.model] = (copy, loaded, now, resident)
         return resident
 
-    def _new_resident(self, copy: _Copy, now: float) -> Resident:
+    def _new_resident(self, copy: _Copy, now: float, loaded: bool, *, weighed: bool) -> Resident:
         model = self.models[copy.model]
         node = self.cluster.nodes[copy.node]
-        loaded = copy.ready_at <= now
+        rate = None
+        if self.policy == "oracle-rate" and self.true_rate is not None:
+            rate = self.true_rate[copy.model]
+        elif weighed:
+            rate = self.demand.rate(copy.model, now)
         return Resident(
             key=model.key,
             priority=model.priority,
@@ -377,11 +395,7 @@ class Simulation:
             host_bytes=model.vram_bytes,
             reload_seconds=self.cluster.load_seconds(node, model),
             wake_seconds=self.cluster.wake_seconds_for(node, model) if model.can_park else None,
-            request_rate=(
-                self.true_rate[copy.model]
-                if self.policy == "oracle-rate" and self.true_rate is not None
-                else self.demand.rate(copy.model, now)
-            ),
+            request_rate=rate,
         )
 
     def _free(self, gpu: str, excluding: int | None = None) -> int:
@@ -397,12 +411,16 @@ class Simulation:
             self.result.events.append(Event(time, kind, key, copy.gpu, copy.hold))
 
     def _leave_gpu(self, copy: _Copy) -> None:
+        self._node_views.pop(copy.node, None)
+        self._reclaim.pop(copy.gpu, None)
         del self.on_gpu[copy.gpu][copy.model]
         del self.assignments[copy.node][self.models[copy.model].key]
         self.held -= copy.hold
         self.used[copy.gpu] -= copy.hold
 
     def _occupy(self, copy: _Copy, time: float, kind: EventKind) -> None:
+        self._node_views.pop(copy.node, None)
+        self._reclaim.pop(copy.gpu, None)
         if copy.hold > self._free(copy.gpu):
             self.result.overcommits += 1
         self.on_gpu[copy.gpu][copy.model] = copy
@@ -490,6 +508,7 @@ class Simulation:
                 self.next_use[model] = self.next_time[i]
             self.last_access[model] = now
             self._residents.pop(model, None)
+            self._unweighed.pop(model, None)
             copy = self.where.get(model)
             if copy is not None and copy.state is not ModelState.SLEEPING:
                 if copy.ready_at <= now:
@@ -534,37 +553,39 @@ class Simulation:
         moments.extend(a[0] + self.max_wait for a in self.pending.values())
         return min(moments, default=math.inf)
 
-    def _reclaimable(self, now: float) -> dict[str, list[tuple[int, int]]]:
-        """Per GPU, (priority rank, VRAM) of each model the eviction rules let go now."""
-        stamp = EPOCH + now
-        return {
-            gpu: [
-                (self.models[c.model].priority.rank, c.hold)
-                for c in copies.values()
-                if is_evictable(self._resident(c, now), stamp, self.config)
-            ]
-            for gpu, copies in self.on_gpu.items()
-        }
+    def _reclaimable(self, gpu: str, now: float) -> dict[int, int]:
+        """VRAM on `gpu` the eviction rules let go now, by the lowest incoming rank that may
+        displace it (low and normal; high may preempt, so `_may_fit` does not ask).
 
-    def _may_fit(
-        self,
-        model: int,
-        reclaimable: dict[str, list[tuple[int, int]]],
-        sums: dict[tuple[str, int], int],
-    ) -> bool:
+        Kept until the GPU's models change (`_occupy`, `_leave_gpu`) or one of them passes the
+        minimum residency, the moments `_next_change` also counts on.
+        """
+        known = self._reclaim.get(gpu)
+        if known is not None and now < known[0]:
+            return known[1]
+        stamp, minimum = EPOCH + now, self.cluster.min_residency_seconds
+        by_rank = dict.fromkeys(range(Priority.HIGH.rank), 0)
+        until = math.inf
+        for c in self.on_gpu[gpu].values():
+            if c.loaded_at + minimum > now:
+                until = min(until, c.loaded_at + minimum)
+            if is_evictable(self._resident(c, now, weighed=False), stamp, self.config):
+                for taker in range(self.models[c.model].priority.rank, Priority.HIGH.rank):
+                    by_rank[taker] += c.hold
+        self._reclaim[gpu] = (until, by_rank)
+        return by_rank
+
+    def _may_fit(self, model: int, now: float) -> bool:
         """Whether some GPU could take it, counting what its priority may displace there (a
-        quick test before asking placement and eviction, which decide). `sums` keeps the
-        reclaimable bytes per (GPU, rank) for one pass over the waiting models."""
+        quick test before asking placement and eviction, which decide)."""
         rank = self.models[model].priority.rank
         if rank >= Priority.HIGH.rank:
             return True
-        for gpu in self.eligible[model]:
-            held = sums.get((gpu, rank))
-            if held is None:
-                held = sums[(gpu, rank)] = sum(h for r, h in reclaimable[gpu] if r <= rank)
-            if self._free(gpu, model) + held >= self._footprint(model, gpu):
-                return True
-        return False
+        return any(
+            self._free(gpu, model) + self._reclaimable(gpu, now)[rank]
+            >= self._footprint(model, gpu)
+            for gpu in self.eligible[model]
+        )
 
     def _give_up(self, model: int, count: int) -> None:
         if count:
@@ -576,8 +597,6 @@ class Simulation:
         """Serve waiting requests at each moment room may have appeared, up to `until`."""
         while self.pending and self.retry_at <= until:
             now = self.retry_at
-            reclaimable = self._reclaimable(now)
-            sums: dict[tuple[str, int], int] = {}
             for model in list(self.pending):
                 arrivals = self.pending[model]
                 live = [a for a in arrivals if a + self.max_wait > now]
@@ -586,7 +605,7 @@ class Simulation:
                     del self.pending[model]
                     continue
                 self.pending[model] = live
-                if not self._may_fit(model, reclaimable, sums) and model not in self.where:
+                if not self._may_fit(model, now) and model not in self.where:
                     continue
                 if self._bring(model, now):
                     ready = self.where[model].ready_at
@@ -607,8 +626,17 @@ class Simulation:
                 self._load(model, decision.chosen[0].gpu_uuid, start, seconds=0.0, kind="load")
 
     def _views(self, now: float) -> list[NodeView]:
-        stamp = self._now(now)
-        return [self._view(n, stamp) for n in range(len(self.cluster.nodes))]
+        """Each node's view, kept until its assignments change (`_occupy`, `_leave_gpu`) or its
+        heartbeat is half the grace old, so placement works out a node's budgets only then."""
+        fresh_since = now - self.placement.heartbeat_grace_seconds / 2
+        views = []
+        for node in range(len(self.cluster.nodes)):
+            known = self._node_views.get(node)
+            if known is None or known[0] < fresh_since:
+                view = self._view(node, self._now(now), dict(self.assignments[node]))
+                known = self._node_views[node] = (now, view)
+            views.append(known[1])
+        return views
 
     def _load(self, model: int, gpu: str, now: float, *, seconds: float, kind: EventKind) -> None:
         node = self.node_of_gpu[gpu]
@@ -669,23 +697,32 @@ class Simulation:
         Ties go to fewer victims, then fewer bytes freed, then the GPU's name. A GPU's plan takes
         its victims coldest first, so its hottest victim is no colder than its coldest
         displaceable resident: GPUs are tried in that order, and the search stops once no GPU
-        left can beat the best plan found (the result is that of trying every GPU).
+        left can beat the best plan found. A GPU whose displaceable models hold too little to
+        make the room is not tried (the result is that of trying every GPU).
         """
         gpus = self.eligible[model]
+        stamp = EPOCH + now
         residents = {c.model: self._resident(c, now) for g in gpus for c in self.on_gpu[g].values()}
-        ordered = coldest_first(residents.values(), EPOCH + now, self.config)
-        rank = {r.key: i for i, r in enumerate(ordered)}
         incoming = self.models[model].priority.rank
+        # Only a model the incoming one may displace can be a victim: rank those alone.
+        displaceable = [
+            r
+            for r in residents.values()
+            if r.priority.rank <= incoming and is_evictable(r, stamp, self.config)
+        ]
+        rank = {r.key: i for i, r in enumerate(coldest_first(displaceable, stamp, self.config))}
         bound: dict[str, int] = {}
         for gpu in gpus:
-            candidates = [
-                rank[self.models[c.model].key]
-                for c in self.on_gpu[gpu].values()
-                if residents[c.model].priority.rank <= incoming
-            ]
-            bound[gpu] = min(candidates, default=len(rank))
+            candidates, freeable = [], 0
+            for c in self.on_gpu[gpu].values():
+                at = rank.get(self.models[c.model].key)
+                if at is not None:
+                    candidates.append(at)
+                    freeable += c.hold
+            if self._free(gpu, excluding=model) + freeable >= self._footprint(model, gpu):
+                bound[gpu] = min(candidates, default=len(rank))
         best: tuple[tuple[int, int, int, str], RoomPlan] | None = None
-        for gpu in sorted(gpus, key=lambda g: (bound[g], g)):
+        for gpu in sorted(bound, key=lambda g: (bound[g], g)):
             if best is not None and bound[gpu] > best[0][0]:
                 break
             plan = self._plan_on(gpu, model, now, residents)

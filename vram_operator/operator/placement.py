@@ -115,6 +115,8 @@ class GPUBudget:
 
     def merged(self, extra: Mapping[str, Hold]) -> GPUBudget:
         """This budget with ledger holds added; a key in both is charged the larger figure."""
+        if not extra:
+            return self
         holds = dict(self.holds)
         for key, hold in extra.items():
             seen = holds.get(key)
@@ -148,6 +150,12 @@ class NodeView:
     """Host RAM available, as the agent last measured it (MemAvailable); None: not reported."""
     host_under_pressure: bool = False
     """The agent reports MemoryPressure=True (host PSI above its threshold)."""
+    _budgets: tuple[GPUBudget, ...] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """`budgets()` once worked out: a view is a snapshot, and one is asked for every model placed
+    while it is current (the capacity simulator keeps a node's view until its assignments
+    change). `dataclasses.replace` starts a copy without it."""
 
     @classmethod
     def from_objects(
@@ -192,6 +200,12 @@ class NodeView:
         it still holds on the GPU (the context of a sleeping vLLM, or all of it until it has
         gone to sleep) is measured as used memory no assignment explains.
         """
+        if self._budgets is None:
+            object.__setattr__(self, "_budgets", self._work_out_budgets())
+        assert self._budgets is not None
+        return self._budgets
+
+    def _work_out_budgets(self) -> tuple[GPUBudget, ...]:
         parents = {g.parent_uuid for g in self.gpus if g.parent_uuid}
         units = [g for g in self.gpus if g.uuid not in parents]
         by_uuid = {g.uuid: g for g in units}
