@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import compileall
 import contextlib
-import datetime as dt
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks_md import stamp, write_section
 from kubernetes import client, config
 
 from vram_operator.api import GROUP, VERSION
@@ -469,12 +468,6 @@ def markdown(
     args: argparse.Namespace,
     baseline: str,
 ) -> list[str]:
-    cpu = subprocess.run(
-        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     backends = Counter(str(m.spec["backend"]) for m in models)
     doubles = sum(int(m.spec.get("replicas", 1)) > 1 for m in models)
     ollama_replicas = sum(int(m.spec.get("replicas", 1)) for m in models if m.ollama_model)
@@ -490,9 +483,7 @@ def markdown(
         "Written by `python bench/burst.py --write`; one run of each, not a median. Never "
         "asserted in tests.",
         "",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {cpu or 'unknown CPU'}, "
-        f"Python {platform.python_version()}",
+        *stamp(),
         f"- command: `{command}`",
         f"- scenario: seed {args.seed}, {len(models)} ModelDeployments "
         f"({backends['ollama']} Ollama, {backends['vllm']} vLLM, {doubles} with 2 replicas) "
@@ -537,23 +528,6 @@ def markdown(
         ),
         "",
     ]
-
-
-def write_section(lines: Sequence[str]) -> None:
-    """Replace this script's section of BENCHMARKS.md, or append it."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(f"\n{SECTION}")
-    if start < 0:
-        head, tail = text.rstrip("\n"), ""
-    else:
-        head = text[:start].rstrip("\n")
-        following = text.find("\n## ", start + 1)
-        tail = "" if following < 0 else text[following:].strip("\n")
-    parts = [head, "\n".join(lines).rstrip("\n")]
-    if tail:
-        parts.append(tail)
-    path.write_text("\n\n".join(parts) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -607,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = markdown(outcomes, models, args, baseline or "-")
     print("\n".join(lines))
     if args.write:
-        write_section(lines)
+        write_section(SECTION, lines)
     return 0
 
 

@@ -17,16 +17,15 @@ section, leaving the others.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+
+from benchmarks_md import stamp, write_section
 
 from vram_operator.capacity.cluster import (
     ClusterSpec,
@@ -136,19 +135,6 @@ def workloads(rate: float) -> dict[str, Workload]:
             burst_rate=rate,
         ),
     }
-
-
-def machine() -> str:
-    cpu = subprocess.run(
-        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, {cpu or 'unknown CPU'}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def _models(count: int, seed: int) -> list[SimModel]:
@@ -411,8 +397,7 @@ def main() -> int:
         "Written by `python bench/capacity.py --write`; one deterministic run of every policy "
         "on the same traces. Never asserted in tests.",
         "",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {machine()}",
+        *stamp(),
         f"- command: `{command} --write`",
         f"- GPU memory over the catalog's bytes: {shares}",
         f"- scenario: each trace {HOURS:g} h at {RATE:g} request/s, seed {args.seed} (bursty: "
@@ -454,16 +439,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        existing = path.read_text() if path.exists() else "# Benchmarks\n"
-        start = existing.find(SECTION)
-        if start < 0:
-            updated = existing.rstrip("\n") + "\n\n" + text
-        else:
-            end = existing.find("\n## ", start + len(SECTION))
-            rest = existing[end + 1 :] if end >= 0 else ""
-            updated = existing[:start] + text + ("\n" + rest if rest else "")
-        path.write_text(updated.rstrip("\n") + "\n")
+        write_section(SECTION, lines)
     return 0
 
 

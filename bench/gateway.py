@@ -25,9 +25,7 @@ import asyncio
 import datetime as dt
 import multiprocessing
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
+from benchmarks_md import stamp, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -197,12 +196,6 @@ def report(args: argparse.Namespace, figures: dict, cpus: tuple[int, int]) -> li
     direct, routed = figures["direct"], figures["routed"]
     p50 = (statistics.median(direct), statistics.median(routed))
     p99 = (_percentile(direct, 0.99), _percentile(routed, 0.99))
-    cpu = subprocess.run(
-        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     command = " ".join(["python bench/gateway.py", *sys.argv[1:]])
     per_core = 1 / figures["cpu_per_request"] if figures["cpu_per_request"] else float("inf")
     busy = figures["routed_rps"] * figures["cpu_per_request"]
@@ -212,9 +205,7 @@ def report(args: argparse.Namespace, figures: dict, cpus: tuple[int, int]) -> li
         "Written by `python bench/gateway.py --write`; one run, both paths measured in it. "
         "Never asserted in tests.",
         "",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {cpu or 'unknown CPU'}, "
-        f"Python {platform.python_version()}",
+        *stamp(),
         f"- command: `{command}`",
         f"- load average (1, 5, 15 min) when it ended: "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} (a machine shared with other work)",
@@ -238,23 +229,6 @@ def report(args: argparse.Namespace, figures: dict, cpus: tuple[int, int]) -> li
         "above is below 100%); 1 / CPU per request is what a dedicated core would carry.",
         "",
     ]
-
-
-def write_section(lines: Sequence[str]) -> None:
-    """Replace this script's section of BENCHMARKS.md, or append it."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(f"\n{SECTION}")
-    if start < 0:
-        head, tail = text.rstrip("\n"), ""
-    else:
-        head = text[:start].rstrip("\n")
-        following = text.find("\n## ", start + 1)
-        tail = "" if following < 0 else text[following:].strip("\n")
-    parts = [head, "\n".join(lines).rstrip("\n")]
-    if tail:
-        parts.append(tail)
-    path.write_text("\n\n".join(parts) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = report(args, figures, cpus)
     print("\n".join(lines))
     if args.write:
-        write_section(lines)
+        write_section(SECTION, lines)
     return 0
 
 

@@ -24,9 +24,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import datetime as dt
 import json
-import platform
 import random
 import statistics
 import subprocess
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from benchmarks_md import stamp, write_section
 from kubernetes import client, config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,9 +234,8 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Written by `python bench/residency.py --write`; one run of each. Never asserted in tests.",
         "",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()}, Python {platform.python_version()}; every process "
-        "shares this machine with the API server",
+        *stamp(),
+        "- every process shares this machine with the API server",
         f"- command: `{command}` (code at {commit} + working tree)",
         f"- scenario: {args.models} Ollama models of 2-10 GiB (seed {args.seed}) created most "
         "popular first (by the trace's counts) on 2 simulated nodes x 4 x 24 GiB GPUs; fixed: "
@@ -265,22 +263,6 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def write_section(lines: Sequence[str]) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    start = text.find(f"\n{SECTION}")
-    if start < 0:
-        head, tail = text.rstrip("\n"), ""
-    else:
-        head = text[:start].rstrip("\n")
-        following = text.find("\n## ", start + 1)
-        tail = "" if following < 0 else text[following:].strip("\n")
-    parts = [head, "\n".join(lines).rstrip("\n")]
-    if tail:
-        parts.append(tail)
-    path.write_text("\n\n".join(parts) + "\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", type=int, default=100)
@@ -305,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = section(args, rows)
     print("\n".join(lines))
     if args.write:
-        write_section(lines)
+        write_section(SECTION, lines)
     return 0
 
 

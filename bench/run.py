@@ -7,15 +7,14 @@ Numbers are medians of repeated runs on this machine; they are never asserted in
 from __future__ import annotations
 
 import datetime as dt
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmarks_md import stamp, write_preamble
 
 from vram_operator.api import GPU, Assignment, Backend, GPUNode, ModelState, Priority
 from vram_operator.node_agent.eviction import EvictionConfig, Resident, plan_room
@@ -215,20 +214,12 @@ def bench_convergence(models: int = 40, nodes: int = 3) -> list[tuple[str, str]]
 
 def main() -> int:
     rows = [*bench_placement(), *bench_eviction(), *bench_control_plane(), *bench_convergence()]
-    cpu = subprocess.run(
-        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     lines = [
         "# Benchmarks",
         "",
         "Written by `python bench/run.py`; medians of repeated runs. Never asserted in tests.",
         "",
-        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {cpu or 'unknown CPU'}, "
-        f"Python {platform.python_version()}",
+        *stamp(),
         "",
         "| what | median |",
         "| --- | --- |",
@@ -238,13 +229,7 @@ def main() -> int:
         "session that wrote this file (see the device tool's status in the issue notes).",
         "",
     ]
-    path = ROOT / "BENCHMARKS.md"
-    # Keep the sections other scripts write (bench/burst.py's "## Burst ...").
-    existing = path.read_text() if path.exists() else ""
-    others = existing.find("\n## ")
-    if others >= 0:
-        lines.append(existing[others + 1 :].rstrip("\n") + "\n")
-    path.write_text("\n".join(lines))
+    write_preamble(lines)
     print("\n".join(lines))
     return 0
 
