@@ -15,20 +15,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 from collections.abc import Callable, Sequence
 from typing import Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from vram_operator.api import Assignment, Backend, BackendHealth, ModelState
 from vram_operator.api.diffusion import DiffusersOptions
 from vram_operator.node_agent.estimate import Estimate
 
+from . import sidecar
 from .base import (
     AiohttpTransport,
     BackendError,
@@ -63,16 +62,7 @@ _STATES = {
 }
 
 
-class _Shape(BaseModel):
-    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
-
-
-class _Health(_Shape):
-    status: str
-    version: str | None = None
-
-
-class _Entry(_Shape):
+class _Entry(sidecar.Entry):
     key: str
     model: str
     state: Literal["loading", "loaded", "parked", "failed"]
@@ -84,15 +74,8 @@ class _Entry(_Shape):
     last_access: dt.datetime | None = None
 
 
-class _Entries(_Shape):
+class _Entries(sidecar.Shape):
     pipelines: list[_Entry]
-
-
-class _Estimate(_Shape):
-    bytes: int = Field(ge=0)
-    method: Literal["ollama-show", "gguf-header", "safetensors-header", "file-size"]
-    detail: str
-    parameters: int | None = None
 
 
 def backend_args(assignment: Assignment) -> list[str]:
@@ -140,20 +123,7 @@ class DiffusersBackend:
         return f"/pipelines/{quote(key, safe='')}{suffix}"
 
     async def health(self) -> BackendHealth:
-        try:
-            answer = parse_as(_Health, await self._api.call("GET", "/health"), "diffusion-server")
-        except BackendError as err:
-            return BackendHealth(
-                name=Backend.DIFFUSERS, healthy=False, endpoint=self.base_url, message=str(err)
-            )
-        healthy = answer.status == "ok"
-        return BackendHealth(
-            name=Backend.DIFFUSERS,
-            healthy=healthy,
-            endpoint=self.base_url,
-            version=f"vram-operator diffusion-server {answer.version}" if answer.version else None,
-            message=None if healthy else f"diffusion server status {answer.status}",
-        )
+        return await sidecar.health(self._api, Backend.DIFFUSERS, "diffusion server")
 
     async def list_resident(self) -> list[ResidentInfo]:
         entries = parse_as(
@@ -196,15 +166,15 @@ class DiffusersBackend:
         entry = parse_as(
             _Entry, await self._api.call("PUT", self._path(request.key), body), context
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._load_timeout
-        while entry.state == "loading":
-            if loop.time() >= deadline:
-                raise BackendError(
-                    f"still loading after {self._load_timeout:g}s", retryable=True, context=context
-                )
-            await asyncio.sleep(self._poll_interval)
-            entry = parse_as(_Entry, await self._api.call("GET", self._path(request.key)), context)
+        entry = await sidecar.poll_while(
+            self._api,
+            self._path(request.key),
+            entry,
+            "loading",
+            give_up_after=self._load_timeout,
+            interval=self._poll_interval,
+            context=context,
+        )
         if entry.state == "parked":
             await self.wake(request.key, request.model)
             entry = parse_as(_Entry, await self._api.call("GET", self._path(request.key)), context)
@@ -216,11 +186,7 @@ class DiffusersBackend:
         return self._info(entry)
 
     async def unload(self, key: str, model: str) -> None:
-        try:
-            await self._api.call("DELETE", self._path(key), time_limit=MOVE_TIMEOUT)
-        except BackendError as err:
-            if err.status != 404:
-                raise
+        await sidecar.delete(self._api, self._path(key), MOVE_TIMEOUT)
 
     async def park(self, key: str, model: str) -> None:
         await self._api.call("POST", self._path(key, "/park"), time_limit=MOVE_TIMEOUT)
@@ -237,18 +203,7 @@ class DiffusersBackend:
         context = f"diffusers estimate {model}"
         options = options_from(args, context)
         query = {"model": model, "options": json.dumps(options.to_k8s())}
-        try:
-            answer = await self._api.call("GET", f"/estimate?{urlencode(query)}")
-        except BackendError as err:
-            if err.status == 404:
-                return None
-            if err.status == 422:  # unsupported: loading it would fail the same way
-                raise BackendError(err.message, context=context) from None
-            raise
-        found = parse_as(_Estimate, answer, context)
-        return Estimate(
-            bytes=found.bytes, method=found.method, detail=found.detail, parameters=found.parameters
-        )
+        return await sidecar.estimate(self._api, query, context)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

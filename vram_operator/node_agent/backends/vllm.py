@@ -29,15 +29,15 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from vram_operator.api import Backend, BackendHealth, ModelState
 from vram_operator.node_agent.estimate import Estimate, vllm_sizes_from_args
 
+from . import sidecar
 from .base import (
     AiohttpTransport,
     BackendError,
@@ -82,16 +82,7 @@ _FINISHED = "vllm:request_success_total"
 _IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
-class _Shape(BaseModel):
-    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
-
-
-class _Health(_Shape):
-    status: str
-    version: str | None = None
-
-
-class _Entry(_Shape):
+class _Entry(sidecar.Entry):
     key: str
     model: str
     state: Literal["starting", "running", "sleeping", "exited", "failed"]
@@ -101,15 +92,8 @@ class _Entry(_Shape):
     endpoint: str | None = None
 
 
-class _Entries(_Shape):
+class _Entries(sidecar.Shape):
     models: list[_Entry]
-
-
-class _Estimate(_Shape):
-    bytes: int = Field(ge=0)
-    method: Literal["ollama-show", "gguf-header", "safetensors-header", "file-size"]
-    detail: str
-    parameters: int | None = None
 
 
 def request_activity(metrics_text: str) -> tuple[float, float]:
@@ -157,20 +141,7 @@ class VLLMBackend:
         return f"/models/{quote(key, safe='')}{suffix}"
 
     async def health(self) -> BackendHealth:
-        try:
-            answer = parse_as(_Health, await self._api.call("GET", "/health"), "vllm-supervisor")
-        except BackendError as err:
-            return BackendHealth(
-                name=Backend.VLLM, healthy=False, endpoint=self.base_url, message=str(err)
-            )
-        healthy = answer.status == "ok"
-        return BackendHealth(
-            name=Backend.VLLM,
-            healthy=healthy,
-            endpoint=self.base_url,
-            version=f"vram-operator vllm-supervisor {answer.version}" if answer.version else None,
-            message=None if healthy else f"supervisor status {answer.status}",
-        )
+        return await sidecar.health(self._api, Backend.VLLM, "supervisor")
 
     async def list_resident(self) -> list[ResidentInfo]:
         entries = parse_as(
@@ -255,16 +226,15 @@ class VLLMBackend:
         entry = parse_as(
             _Entry, await self._api.call("PUT", self._path(request.key), body), context
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._load_timeout
-        while entry.state == "starting":
-            if loop.time() >= deadline:
-                raise BackendError(
-                    f"still starting after {self._load_timeout:g}s", retryable=True, context=context
-                )
-            await asyncio.sleep(self._poll_interval)
-            answer = await self._api.call("GET", self._path(request.key))
-            entry = parse_as(_Entry, answer, context)
+        entry = await sidecar.poll_while(
+            self._api,
+            self._path(request.key),
+            entry,
+            "starting",
+            give_up_after=self._load_timeout,
+            interval=self._poll_interval,
+            context=context,
+        )
         if entry.state == "sleeping":
             await self.wake(request.key, request.model)
             entry = parse_as(_Entry, await self._api.call("GET", self._path(request.key)), context)
@@ -280,11 +250,7 @@ class VLLMBackend:
         return self._info(entry, self._clock())
 
     async def unload(self, key: str, model: str) -> None:
-        try:
-            await self._api.call("DELETE", self._path(key), time_limit=60.0)
-        except BackendError as err:
-            if err.status != 404:
-                raise
+        await sidecar.delete(self._api, self._path(key), 60.0)
         self._activity.pop(key, None)
 
     async def park(self, key: str, model: str) -> None:
@@ -307,16 +273,7 @@ class VLLMBackend:
             query["contextLength"] = context
         query["maxNumBatchedTokens"] = sizes.max_num_batched_tokens
         query["maxNumSeqs"] = sizes.max_num_seqs
-        try:
-            answer = await self._api.call("GET", f"/estimate?{urlencode(query)}")
-        except BackendError as err:
-            if err.status == 404:
-                return None
-            raise
-        found = parse_as(_Estimate, answer, f"vllm-supervisor estimate {model}")
-        return Estimate(
-            bytes=found.bytes, method=found.method, detail=found.detail, parameters=found.parameters
-        )
+        return await sidecar.estimate(self._api, query, f"vllm-supervisor estimate {model}")
 
     async def aclose(self) -> None:
         await self._transport.aclose()
