@@ -226,6 +226,27 @@ def test_lower_priority_goes_before_a_colder_equal_one() -> None:
     assert [v.key for v in decision.preempted] == ["ns.low"]
 
 
+def test_waiting_requests_leave_a_high_model_its_preemption() -> None:
+    # ns.low was used a moment ago (not settled) and ns.hi2 is settled: a high request, waited
+    # for or not, may displace the low one; only waited for, the settled high one as well.
+    node = view({"ns.low": Priority.LOW, "ns.hi2": Priority.HIGH})
+    recency = {"ns.low": T0 - dt.timedelta(seconds=1), "ns.hi2": T0 - dt.timedelta(seconds=900)}
+    for demanded in (False, True):
+        decision = place(
+            wanted("ns.c", demanded=demanded, priority=Priority.HIGH),
+            [node],
+            CONFIG,
+            T0,
+            recency=recency,
+        )
+        assert [v.key for v in decision.preempted] == ["ns.low"]
+    node = view({"ns.hi2": Priority.HIGH, "ns.hi3": Priority.HIGH})
+    decision = place(
+        wanted("ns.c", priority=Priority.HIGH), [node], CONFIG, T0, recency={"ns.hi3": T0}
+    )
+    assert [v.key for v in decision.preempted] == ["ns.hi2"]
+
+
 # ---- status: scale, tiers, events ------------------------------------------------------------
 
 

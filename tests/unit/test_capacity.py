@@ -91,6 +91,7 @@ def trace(*requests: tuple[float, str]) -> Trace:
 #   oracle-lfu: true rates alone: at 30 s a and b tie at 2/40, b idle longer goes; at 40 s
 #     c (1/40) goes for b: 16 s.
 #   offline: a is never asked for again: a goes: 12 s.
+#   operator: place, as demanded, displaces the lowest priority first: a goes: 12 s.
 TINY_MODELS = [
     ollama("a", 4, Priority.LOW, keep=600),
     ollama("b", 4, keep=3600),
@@ -110,6 +111,7 @@ TINY_TRACE = trace((0, "a"), (5, "b"), (20, "a"), (30, "c"), (40, "b"))
         ("oracle-rate", 3, 2),
         ("oracle-lfu", 4, 1),
         ("offline", 3, 2),
+        ("operator", 3, 2),
     ],
 )
 def test_each_policy_on_a_tiny_trace(policy: str, loads: int, warm: int) -> None:
@@ -152,6 +154,49 @@ def test_a_parked_model_wakes_on_its_gpu() -> None:
     assert (result.cold_starts, result.parks, result.wakes) == (2, 1, 1)
     wake = spec.wake_seconds + 12 * GI / spec.nodes[0].host_bytes_per_second
     assert result.latencies[-1] == pytest.approx(wake)
+
+
+def test_the_operator_swaps_out_the_model_asked_for_once_before_one_asked_for_again() -> None:
+    # Three normal 4 GiB models on the 10 GiB GPU; z at 30 s must displace x (last used at
+    # 10 s, and at 0 s before that) or y (used once, at 20 s). LRU takes x, which comes back at
+    # 40 s; the operator's LRU-2 takes y, and x is warm.
+    models = [ollama("x", 4), ollama("y", 4), ollama("z", 4)]
+    requests = trace((0, "x"), (10, "x"), (20, "y"), (30, "z"), (40, "x"))
+    lru = Simulation(cluster(10), models, requests, "lru", record_events=True).run()
+    operator = Simulation(cluster(10), models, requests, "operator", record_events=True).run()
+    assert [(e.time, e.key) for e in lru.events if e.kind == "unload"] == [
+        (30, "default.x"),
+        (40, "default.y"),
+    ]
+    assert [(e.time, e.key) for e in operator.events if e.kind == "unload"] == [(30, "default.y")]
+    assert (operator.cold_starts, operator.warm) == (3, 2)
+
+
+def test_the_operator_parks_what_can_sleep_and_wakes_it_where_it_sleeps() -> None:
+    spec = cluster(20)
+    models = [
+        SimModel("default.v", "org/v", Backend.VLLM, Priority.NORMAL, 12 * GI, can_park=True),
+        ollama("o", 12),
+    ]
+    requests = trace((0, "v"), (100, "o"), (200, "v"))
+    result = Simulation(spec, models, requests, "operator", record_events=True).run()
+    assert [(e.time, e.kind, e.key) for e in result.events] == [
+        (0, "load", "default.v"),
+        (100, "park", "default.v"),
+        (100, "load", "default.o"),
+        (200, "unload", "default.o"),
+        (200, "wake", "default.v"),
+    ]
+    assert (result.cold_starts, result.parks, result.wakes) == (2, 1, 1)
+
+
+def test_the_operator_waits_until_a_model_was_last_used_the_minimum_residency_ago() -> None:
+    # 60 s minimum residency from the last use: x (used at 25 s) may go at 85 s, y (used at
+    # 5 s, loaded at 9 s) at 69 s: z at 30 s waits for y, 39 s plus its 4 s load.
+    models = [ollama("x", 4), ollama("y", 4), ollama("z", 4)]
+    requests = trace((0, "x"), (5, "y"), (25, "x"), (30, "z"))
+    result = Simulation(cluster(10, min_residency=60), models, requests, "operator").run()
+    assert result.latencies[-1] == pytest.approx(69 - 30 + 4)
 
 
 def test_a_low_model_that_may_displace_nothing_is_unserved_and_named() -> None:

@@ -16,6 +16,9 @@ For every request, in time order:
   placed with the operator's priority preemption. If nothing works the request waits, as the
   gateway holds it, and is tried again whenever room may have appeared (a load ends, a model
   passes the minimum residency); after `max_wait` seconds it is given up (unserved).
+- under the `operator` policy the operator alone decides, as in a cluster whose gateway
+  reports demand: `place` with the request `demanded` picks the GPU and the models to swap out
+  (see OPERATOR), for a cold load and for waking a parked model alike.
 
 The GPU memory accounting is `NodeView.budgets` (the operator's: footprints with vLLM's
 rounding, the agents' reserve), so what the simulator holds is what the operator would
@@ -33,11 +36,12 @@ import datetime as dt
 import math
 import time as wallclock
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from vram_operator.api import GPU, Assignment, ModelState, Priority
+from vram_operator.api import GPU, Assignment, Backend, ModelState, Priority, ResidentModel
 from vram_operator.api.budget import reserve_bytes
+from vram_operator.api.modeldeployment import VLLMOptions
 from vram_operator.node_agent.eviction import (
     POLICIES,
     RATE_HALF_LIFE_SECONDS,
@@ -55,7 +59,9 @@ from vram_operator.operator.placement import (
     PlacementConfig,
     PlacementDecision,
     PlacementRequest,
+    Victim,
     place,
+    plan_parking,
 )
 
 from .cluster import ClusterSpec, SimModel
@@ -72,7 +78,15 @@ bounds what a better rate estimate could win. `oracle-lfu` evicts the model with
 true rate (ties: longest idle), blind to size and cost: on independent requests with known
 popularity that is the classic best online order (A0) for equal sizes."""
 
-POLICY_NAMES: tuple[str, ...] = (*POLICIES, *BASELINES)
+OPERATOR = "operator"
+"""What the operator does when requests wait at a gateway for a model that fits nowhere (the
+gateway's demand): `place` with the request `demanded`, which displaces settled models of its
+priority or lower (last used at least the minimum residency ago), lowest priority first, then
+the one asked for least recently before its last request (LRU-2), then the least recently
+used; `plan_parking` parks a victim in host RAM when it can sleep and the RAM takes it. A
+parked model is woken by `place` too. The agents' eviction policy plays no part in it."""
+
+POLICY_NAMES: tuple[str, ...] = (*POLICIES, OPERATOR, *BASELINES)
 
 EPOCH = 1_700_000_000.0
 """Trace time 0 in epoch seconds, for the placement's heartbeat check."""
@@ -197,6 +211,17 @@ class Simulation:
         self.next_time = self._next_times() if policy == "offline" else []
         self.config = self._config(policy)
         self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
+        self.swapping = PlacementConfig(
+            strategy=cluster.strategy,  # type: ignore[arg-type]
+            min_residency_seconds=cluster.min_residency_seconds,
+        )
+        """The operator's placement under the `operator` policy: preemption and demand swaps,
+        settled after the same minimum residency as every other policy here."""
+        self._previous_request: dict[int, float] = {}
+        self._earlier: dict[str, dt.datetime] = {}
+        """The request before the last, by key (the operator's LRU-2 figure)."""
+        self._recency: dict[str, dt.datetime] = {}
+        """Under `operator`, each copy's last use or load, whichever is later, by key."""
         self.preempting = PlacementConfig(strategy=cluster.strategy, allow_preemption=True)  # type: ignore[arg-type]
         reserve = reserve_bytes(cluster.min_free_bytes)
         self.gpus = [
@@ -256,6 +281,8 @@ class Simulation:
             )
         if policy == "oracle-rate":
             return EvictionConfig(policy="cost", min_residency_seconds=minimum)
+        if policy == OPERATOR:  # read only by `_reclaimable`'s settledness, which it skips
+            return EvictionConfig(policy="lru", min_residency_seconds=minimum)
         if policy == "oracle-lfu" and self.true_rate is not None:
             index, rate = self.index, self.true_rate
             return EvictionConfig(
@@ -337,6 +364,7 @@ class Simulation:
             gpus=self.gpus[node],
             assignments=assignments,
             reserve_bytes=self.reserve,
+            host_available_bytes=spec.host_bytes - self.host_used[node],
         )
 
     def _assignment(self, model: int, gpu: str) -> Assignment:
@@ -352,6 +380,9 @@ class Simulation:
                 priority=spec.priority,
                 gpu_uuid=gpu,
                 vram_bytes=spec.vram_bytes,
+                vllm=(
+                    VLLMOptions(sleep_mode=spec.can_park) if spec.backend is Backend.VLLM else None
+                ),
             )
             self._assignment_cache[(model, gpu)] = cached
         return cached
@@ -442,6 +473,7 @@ class Simulation:
         if kind == "park":
             copy.state = ModelState.SLEEPING
             self.host_used[copy.node] += self.models[model].vram_bytes
+            self._node_views.pop(copy.node, None)
             self.result.parks += 1
             self._event(time, "park", copy)
         else:
@@ -450,6 +482,7 @@ class Simulation:
 
     def _unpark(self, copy: _Copy) -> None:
         self.host_used[copy.node] -= self.models[copy.model].vram_bytes
+        self._node_views.pop(copy.node, None)
 
     def _footprint(self, model: int, gpu: str) -> int:
         """What it holds on `gpu` by the operator's accounting rule (api/budget.py)."""
@@ -510,6 +543,8 @@ class Simulation:
             self._residents.pop(model, None)
             self._unweighed.pop(model, None)
             copy = self.where.get(model)
+            if self.policy == OPERATOR:
+                self._used(model, copy, now)
             if copy is not None and copy.state is not ModelState.SLEEPING:
                 if copy.ready_at <= now:
                     result.warm += 1
@@ -537,6 +572,8 @@ class Simulation:
 
     def _bring(self, model: int, now: float) -> bool:
         """Wake or load `model` at `now`; False when no room can be made for it."""
+        if self.policy == OPERATOR:
+            return self._swap_in(model, now)
         copy = self.where.get(model)
         return (copy is not None and self._wake(copy, now)) or self._cold(model, now)
 
@@ -545,20 +582,40 @@ class Simulation:
         becomes evictable) or a waiting request gives up."""
         minimum = self.cluster.min_residency_seconds
         moments = [
-            c.loaded_at + minimum
+            self._settled_from(c) + minimum
             for copies in self.on_gpu.values()
             for c in copies.values()
-            if c.loaded_at + minimum > now
+            if self._settled_from(c) + minimum > now
         ]
         moments.extend(a[0] + self.max_wait for a in self.pending.values())
         return min(moments, default=math.inf)
+
+    def _used(self, model: int, copy: _Copy | None, now: float) -> None:
+        """Keep the operator's figures of a request: its LRU-2 time, the recency of a copy on
+        a GPU, and that GPU's reclaimable bytes, which its settling moment changed."""
+        key = self.models[model].key
+        previous = self._previous_request.get(model)
+        if previous is not None:
+            self._earlier[key] = self._now(previous)
+        self._previous_request[model] = now
+        if copy is not None and copy.state is not ModelState.SLEEPING:
+            self._recency[key] = self._now(self._settled_from(copy))
+            self._reclaim.pop(copy.gpu, None)
+
+    def _settled_from(self, copy: _Copy) -> float:
+        """When the minimum residency of a copy starts: at its load for the agents' eviction,
+        at its last use for the operator's swap-out (`OPERATOR`)."""
+        if self.policy == OPERATOR:
+            return max(copy.loaded_at, self.last_access[copy.model])
+        return copy.loaded_at
 
     def _reclaimable(self, gpu: str, now: float) -> dict[int, int]:
         """VRAM on `gpu` the eviction rules let go now, by the lowest incoming rank that may
         displace it (low and normal; high may preempt, so `_may_fit` does not ask).
 
         Kept until the GPU's models change (`_occupy`, `_leave_gpu`) or one of them passes the
-        minimum residency, the moments `_next_change` also counts on.
+        minimum residency, the moments `_next_change` also counts on (and, under `operator`,
+        whose minimum residency runs from the last use, until one of them is asked for).
         """
         known = self._reclaim.get(gpu)
         if known is not None and now < known[0]:
@@ -567,9 +624,15 @@ class Simulation:
         by_rank = dict.fromkeys(range(Priority.HIGH.rank), 0)
         until = math.inf
         for c in self.on_gpu[gpu].values():
-            if c.loaded_at + minimum > now:
-                until = min(until, c.loaded_at + minimum)
-            if is_evictable(self._resident(c, now, weighed=False), stamp, self.config):
+            settles = self._settled_from(c) + minimum
+            if settles > now:
+                until = min(until, settles)
+            if self.policy == OPERATOR:
+                # placement's rule for a demanded request: settled since its last use
+                may_go = self.models[c.model].priority.evictable and settles <= now
+            else:
+                may_go = is_evictable(self._resident(c, now, weighed=False), stamp, self.config)
+            if may_go:
                 for taker in range(self.models[c.model].priority.rank, Priority.HIGH.rank):
                     by_rank[taker] += c.hold
         self._reclaim[gpu] = (until, by_rank)
@@ -605,7 +668,10 @@ class Simulation:
                     del self.pending[model]
                     continue
                 self.pending[model] = live
-                if not self._may_fit(model, now) and model not in self.where:
+                # A parked model wakes by the agents' plan on its own GPU, which the quick test
+                # does not see; the operator wakes it by placement, which the test does.
+                parked = model in self.where and self.policy != OPERATOR
+                if not parked and not self._may_fit(model, now):
                     continue
                 if self._bring(model, now):
                     ready = self.where[model].ready_at
@@ -650,6 +716,8 @@ class Simulation:
             hold=self._footprint(model, gpu),
         )
         self._occupy(copy, now, kind)
+        if self.policy == OPERATOR:
+            self._recency[self.models[model].key] = self._now(self._settled_from(copy))
         self.result.cold_load_seconds += seconds
 
     def _wake(self, copy: _Copy, now: float) -> bool:
@@ -690,6 +758,68 @@ class Simulation:
         self.result.cold_starts += 1
         self._load(model, gpu, now, seconds=self.cluster.load_seconds(node, spec), kind="load")
         return True
+
+    def _swap_in(self, model: int, now: float) -> bool:
+        """The `operator` policy: `place` the model as demanded (waking it where it is parked),
+        swap out what it chose, parking what `plan_parking` parks; False when it placed nothing."""
+        spec = self.models[model]
+        copy = self.where.get(model)
+        parked = {}
+        if copy is not None:  # parked: only a copy on no GPU waits for this
+            parked = {self.cluster.nodes[copy.node].name: copy.gpu}
+        request = replace(self._request(spec), demanded=True, parked=parked)
+        views = self._views(now)
+        decision = place(
+            request,
+            views,
+            self.swapping,
+            self._now(now),
+            recency=self._recency,
+            earlier=self._earlier,
+        )
+        if not decision.chosen:
+            return False
+        to_park = plan_parking(decision.preempted, self._parking_views(decision.preempted, now))
+        for victim in decision.preempted:
+            self._evict(victim.key, "park" if victim in to_park else "unload", now)
+        gpu = decision.chosen[0].gpu_uuid
+        node = self.cluster.nodes[self.node_of_gpu[gpu]]
+        if copy is not None:
+            self._unpark(copy)
+            del self.where[model]
+        kind: EventKind
+        if copy is not None and copy.gpu == gpu:
+            self.result.wakes += 1
+            seconds, kind = self.cluster.wake_seconds_for(node, spec), "wake"
+        else:
+            self.result.cold_starts += 1
+            seconds, kind = self.cluster.load_seconds(node, spec), "load"
+        self._load(model, gpu, now, seconds=seconds, kind=kind)
+        return True
+
+    def _parking_views(self, victims: Sequence[Victim], now: float) -> list[NodeView]:
+        """The victims' nodes as `plan_parking` reads them, with each victim's reported state
+        (the simulator keeps no parked assignment in a view, so nothing else is asked)."""
+        nodes = {self.cluster.nodes[n].name: n for n in range(len(self.cluster.nodes))}
+        views = []
+        for name in sorted({v.node for v in victims}):
+            node = nodes[name]
+            view = self._view(node, self._now(now), dict(self.assignments[node]))
+            reports = []
+            for victim in (v for v in victims if v.node == name):
+                c = self.where[self.index[victim.key]]
+                reports.append(
+                    ResidentModel.model_construct(
+                        key=victim.key,
+                        model=self.models[c.model].ref,
+                        backend=self.models[c.model].backend,
+                        gpu_uuid=c.gpu,
+                        state=ModelState.LOADED if c.ready_at <= now else ModelState.LOADING,
+                        vram_bytes=c.hold,
+                    )
+                )
+            views.append(replace(view, resident=tuple(reports)))
+        return views
 
     def _coldest_plan(self, model: int, now: float) -> RoomPlan | None:
         """The feasible plan whose hottest victim is coldest in the policy's cluster-wide order.

@@ -480,18 +480,25 @@ def _displaceable(
     no recency is cold), lowest priority first, then, among equal priorities, by the request
     before the last (`earlier`, as LRU-2 does: a model asked for once, or never, goes before
     one asked for again and again, however recent that one request), then the coldest (least
-    recently used) first.
+    recently used) first. Waiting requests never take from a high or critical model what its
+    priority gives it: demanded, it may still displace any strictly lower priority, settled
+    or not.
     """
     if request.demanded and now is not None:
         used = recency or {}
         settled_before = now - dt.timedelta(seconds=min_residency)
+        preempts = request.priority.rank >= Priority.HIGH.rank
         cold = [
             (key, hold)
             for key, hold in budget.holds.items()
             if key != request.key
             and hold.priority.evictable
             and hold.priority.rank <= request.priority.rank
-            and (key not in used or used[key] <= settled_before)
+            and (
+                key not in used
+                or used[key] <= settled_before
+                or (preempts and hold.priority.rank < request.priority.rank)
+            )
         ]
         epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
         before = earlier or {}
