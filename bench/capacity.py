@@ -76,7 +76,8 @@ PROSE = (
     "",
     "### What the figures say",
     "",
-    "1. At the agents' default minimum residency no policy meets the goal, and none could. "
+    "1. At the agents' default minimum residency no eviction policy meets the goal, and none "
+    "could (`operator`, which is not one, is point 6). "
     "`oracle-lfu` is told each model's true rate: for independent requests of fixed "
     "popularity, which the two Zipf traces are (the bursty one adds short bursts), that is "
     "the classic best online order, and it falls short of 20% below LRU too (the range lines "
