@@ -355,7 +355,7 @@ class LocalControlPlane:
         return all(p.poll() is None for p in self._procs)
 
     def start(self) -> Self:
-        """Start etcd and kube-apiserver and wait until ``/readyz`` answers ok."""
+        """Start etcd and kube-apiserver and wait until they serve (see `_wait_ready`)."""
         with self._lock:
             if self._started:
                 return self
@@ -569,7 +569,10 @@ class LocalControlPlane:
                 return err.code, err.read().decode(errors="replace")
 
     def _wait_ready(self) -> None:
-        """Poll ``/readyz`` until ok, a child dies, or the timeout passes."""
+        """Poll until ``/readyz`` is ok and the ``default`` namespace exists, a child dies, or
+        the timeout passes. The apiserver's bootstrap controller creates that namespace only
+        after it starts serving, so ``/readyz`` alone lets a caller that creates objects there
+        at once find it missing (seen: `namespaces "default" not found`)."""
         deadline = time.monotonic() + self.startup_timeout
         last = "no answer yet"
         while True:
@@ -582,7 +585,9 @@ class LocalControlPlane:
             try:
                 status, body = self._get("/readyz", timeout=2.0)
                 if status == 200:
-                    return
+                    status, body = self._get("/api/v1/namespaces/default", timeout=2.0)
+                    if status == 200:
+                        return
                 last = f"HTTP {status}: {body.strip()[-500:]}"
             except (OSError, urllib.error.URLError) as err:
                 last = f"{type(err).__name__}: {err}"
