@@ -277,8 +277,9 @@ def reading(args: argparse.Namespace, fixed: dict[str, Any], demand: dict[str, A
     return (
         f"What it says: the fixed run is an oracle (it knew the trace's popularity and kept the "
         f"{fixed['resident']} most popular models that fit), so its "
-        f"{fixed['warm'] / fixed['requests']:.1%} of requests are warm and the rest are refused "
-        f"at once. Demand-driven residency answered {demand['ok'] / demand['requests']:.1%} "
+        f"{fixed['warm'] / fixed['requests']:.1%} of requests are warm and the rest, for models "
+        "it gave `replicas: 0`, are refused. Demand-driven residency answered "
+        f"{demand['ok'] / demand['requests']:.1%} "
         f"without knowing the trace, but only {demand['warm'] / demand['requests']:.1%} warm, "
         f"with {demand['swaps']} swap-outs for {demand['requests']} requests: each request for "
         "a model with no room swaps out a settled one (not used within --min-residency), the "
