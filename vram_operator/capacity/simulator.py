@@ -281,7 +281,7 @@ class Simulation:
             )
         if policy == "oracle-rate":
             return EvictionConfig(policy="cost", min_residency_seconds=minimum)
-        if policy == OPERATOR:  # read only by `_reclaimable`'s settledness, which it skips
+        if policy == OPERATOR:  # never asked: the operator's swap-out does not use it
             return EvictionConfig(policy="lru", min_residency_seconds=minimum)
         if policy == "oracle-lfu" and self.true_rate is not None:
             index, rate = self.index, self.true_rate

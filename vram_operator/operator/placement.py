@@ -200,10 +200,11 @@ class NodeView:
         it still holds on the GPU (the context of a sleeping vLLM, or all of it until it has
         gone to sleep) is measured as used memory no assignment explains.
         """
-        if self._budgets is None:
-            object.__setattr__(self, "_budgets", self._work_out_budgets())
-        assert self._budgets is not None
-        return self._budgets
+        budgets = self._budgets
+        if budgets is None:
+            budgets = self._work_out_budgets()
+            object.__setattr__(self, "_budgets", budgets)
+        return budgets
 
     def _work_out_budgets(self) -> tuple[GPUBudget, ...]:
         parents = {g.parent_uuid for g in self.gpus if g.parent_uuid}
