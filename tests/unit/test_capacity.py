@@ -24,7 +24,13 @@ from vram_operator.capacity.cluster import (
 from vram_operator.capacity.live import from_objects
 from vram_operator.capacity.main import main
 from vram_operator.capacity.report import SweepPoint, smallest, table
-from vram_operator.capacity.simulator import POLICY_NAMES, Result, Simulation, SimulationError
+from vram_operator.capacity.simulator import (
+    EPOCH,
+    POLICY_NAMES,
+    Result,
+    Simulation,
+    SimulationError,
+)
 from vram_operator.capacity.trace import (
     Trace,
     TraceError,
@@ -38,6 +44,7 @@ from vram_operator.node_agent.eviction import (
     EvictionConfig,
     Resident,
     coldest_first,
+    is_evictable,
     keep_value,
     plan_room,
 )
@@ -50,8 +57,15 @@ MI = 2**20
 PROPERTY = settings(max_examples=40, deadline=None)
 
 
-def cluster(*gpu_gib: float, min_residency: float = 0.0, nodes: int = 1) -> ClusterSpec:
-    """GPUs whose room (total minus the 64 MiB placement slack) is exactly the given GiB."""
+def cluster(
+    *gpu_gib: float,
+    min_residency: float = 0.0,
+    nodes: int = 1,
+    request_seconds: float = 0.0,
+    gateway_demand: bool = True,
+) -> ClusterSpec:
+    """GPUs whose room (total minus the 64 MiB placement slack) is exactly the given GiB;
+    requests take no time unless told."""
     gpus = tuple(int(g * GI) + 64 * MI for g in gpu_gib)
     return ClusterSpec(
         nodes=tuple(
@@ -60,6 +74,8 @@ def cluster(*gpu_gib: float, min_residency: float = 0.0, nodes: int = 1) -> Clus
         start_seconds={Backend.OLLAMA: 0.0, Backend.VLLM: 0.0},
         min_free_bytes=0,
         min_residency_seconds=min_residency,
+        request_seconds=request_seconds,
+        gateway_demand=gateway_demand,
     )
 
 
@@ -130,10 +146,31 @@ def test_a_request_during_a_load_waits_for_the_rest_of_it() -> None:
 
 
 def test_a_young_model_makes_the_next_request_wait_until_it_may_go() -> None:
-    # 60 s minimum residency: c at 30 s waits until a (loaded at 4 s) may go at 64 s.
-    result = Simulation(cluster(10, min_residency=60), TINY_MODELS, TINY_TRACE, "offline").run()
+    # 60 s minimum residency, no demand figures: c at 30 s waits until a (loaded at 4 s) may go
+    # at 64 s.
+    fixed = cluster(10, min_residency=60, gateway_demand=False)
+    result = Simulation(fixed, TINY_MODELS, TINY_TRACE, "offline").run()
     assert result.cold_starts == 3
     assert max(result.latencies) == pytest.approx(64 - 30 + 4)
+
+
+def test_with_demand_figures_a_model_that_served_its_requests_may_go_at_once() -> None:
+    # The same, read by agents that see the gateways' demand: a served its requests (at 4 s
+    # and 20 s, 5 s each), so c at 30 s displaces it then.
+    served = cluster(10, min_residency=60, request_seconds=5)
+    result = Simulation(served, TINY_MODELS, TINY_TRACE, "offline").run()
+    assert result.cold_starts == 3
+    assert result.latencies == [pytest.approx(4.0)] * 3
+
+
+def test_a_model_with_a_request_running_stays_until_it_ends() -> None:
+    # Requests run 30 s: a's (from 4 s and from 20 s) to 50 s, b's (loaded at 9 s) to 39 s.
+    # c at 30 s waits for the first to end, b's at 39 s, then loads until 43 s.
+    models = [ollama("a", 4), ollama("b", 4), ollama("c", 4)]
+    busy = cluster(10, min_residency=60, request_seconds=30)
+    result = Simulation(busy, models, trace((0, "a"), (5, "b"), (20, "a"), (30, "c")), "lru").run()
+    assert result.cold_starts == 3
+    assert max(result.latencies) == pytest.approx(43 - 30)
 
 
 def test_critical_models_are_resident_from_the_start_and_never_leave() -> None:
@@ -284,7 +321,11 @@ def test_the_agent_takes_the_cost_policy_under_both_flag_names() -> None:
 def scenarios(draw: st.DrawFn) -> tuple[ClusterSpec, list[SimModel], Trace]:
     gpus = draw(st.lists(st.sampled_from([8, 16, 24]), min_size=1, max_size=2))
     spec = cluster(
-        *gpus, nodes=draw(st.integers(1, 2)), min_residency=draw(st.sampled_from([0, 30]))
+        *gpus,
+        nodes=draw(st.integers(1, 2)),
+        min_residency=draw(st.sampled_from([0, 30])),
+        request_seconds=draw(st.sampled_from([0, 5, 60])),
+        gateway_demand=draw(st.booleans()),
     )
     models = []
     for i in range(draw(st.integers(1, 6))):
@@ -309,6 +350,25 @@ def scenarios(draw: st.DrawFn) -> tuple[ClusterSpec, list[SimModel], Trace]:
         models,
         Trace.from_requests((t, n, None) for t, n in zip(times, names, strict=True)),
     )
+
+
+@PROPERTY
+@given(scenarios(), st.sampled_from(POLICY_NAMES), st.lists(st.floats(0, 900), max_size=5))
+def test_the_quick_room_test_agrees_with_the_agents_eviction_rule(
+    scenario: tuple[ClusterSpec, list[SimModel], Trace], policy: str, moments: list[float]
+) -> None:
+    # `_reclaimable` and `_next_change` read a copy's `free_at`; the agents' plans read
+    # `is_evictable`: for every copy left on a GPU, at any later moment, they say the same.
+    spec, models, requests = scenario
+    sim = Simulation(spec, models, requests, policy)
+    sim.run()
+    end = requests.times[-1]
+    for now in (end + m for m in moments):
+        for copy in (c for copies in sim.on_gpu.values() for c in copies.values()):
+            if policy == "operator" or sim.models[copy.model].priority is Priority.CRITICAL:
+                continue
+            resident = sim._resident(copy, now, weighed=False)
+            assert (copy.free_at <= now) is is_evictable(resident, EPOCH + now, sim.config)
 
 
 @PROPERTY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -197,7 +198,8 @@ def test_when_the_fit_is_impossible_nothing_is_evicted_and_the_message_says_why(
     assert (plan.feasible, plan.reason, plan.actions) == (False, INSUFFICIENT_VRAM, ())
     assert plan.message == (
         "8Gi needed, 1Gi free, 2Gi held by models a normal model may evict, "
-        "3Gi more once recently loaded models pass the 120s minimum residency"
+        "3Gi more once recently loaded models serve their requests or pass the 120s minimum"
+        " residency"
     )
 
 
@@ -393,6 +395,8 @@ def residents_(draw: st.DrawFn) -> list[Resident]:
                 last_access=NOW - draw(st.integers(0, 3600)),
                 can_park=host_bytes > 0,
                 host_bytes=host_bytes,
+                in_use=draw(st.sampled_from([None, 0, 2])),
+                served=draw(st.booleans()),
             )
         )
     return residents
@@ -412,7 +416,11 @@ def may_go(resident: Resident, config: EvictionConfig, incoming: Priority) -> bo
         resident.priority is not CRITICAL
         and resident.state is LOADED
         and resident.vram_bytes > 0
-        and NOW - resident.loaded_at >= config.min_residency_seconds
+        and not resident.in_use
+        and (
+            (resident.served and resident.in_use is not None)
+            or NOW - resident.loaded_at >= config.min_residency_seconds
+        )
         and resident.priority.rank <= incoming.rank
     )
 
@@ -507,3 +515,16 @@ def test_pressure_plans_keep_the_same_rules(
         assert vram.freed_bytes >= min(excess, everything)
         for action in vram.actions:
             assert vram.freed_bytes - action.freed_bytes < excess
+
+
+def test_a_model_that_served_its_requests_may_go_before_its_minimum_residency() -> None:
+    fresh = replace(model("fresh", age=10), in_use=0, served=True)
+    busy = replace(model("busy", age=3600), in_use=1, served=True)
+    unasked = replace(model("unasked", age=10), in_use=0)
+    blind = replace(model("blind", age=10), served=True)  # no demand figures: the fixed rule
+    assert [is_evictable(r, NOW) for r in (fresh, busy, unasked, blind)] == [
+        True,
+        False,
+        False,
+        False,
+    ]

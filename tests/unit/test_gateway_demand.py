@@ -160,3 +160,21 @@ async def test_request_rates_come_from_the_growth_of_every_replicas_counts() -> 
     assert demand.request_rate(by_key, Backend.OLLAMA) == pytest.approx(second.request_rate)
     assert demand.request_rate(info("qwen2.5:7b", None), Backend.OLLAMA) is None
     await demand.aclose()
+
+
+async def test_requests_in_use_sum_running_and_waiting_over_every_replica() -> None:
+    def busy(in_flight: int, waiting: int) -> dict[str, Any]:
+        entry = {"key": "default.a", "backend": "ollama", "model": "llama3.2:1b"}
+        return {"schema": SCHEMA, "models": [{**entry, "inFlight": in_flight, "waiting": waiting}]}
+
+    demand = Replicas(
+        {"10.0.0.1": [busy(1, 0), busy(0, 0)], "10.0.0.2": [busy(0, 2), None]},
+    )
+    resident = [info("llama3.2:1b", T0), info("qwen2.5:7b", T0)]
+    wrapped = DemandAwareBackend(Inner(resident), demand)  # type: ignore[arg-type]
+    first = await wrapped.list_resident()
+    # A model no gateway lists has no figure: the agent keeps the fixed minimum residency.
+    assert [r.in_use for r in first] == [3, None]
+    # The second replica did not answer: what the first says is all there is.
+    assert [r.in_use for r in await wrapped.list_resident()] == [0, None]
+    await demand.aclose()

@@ -4,6 +4,9 @@ A cluster file (YAML) describes nodes by their GPU sizes, host RAM and the two s
 model comes back at (disk to GPU, host RAM to GPU), plus the fixed part of a load::
 
     minResidencySeconds: 120        # the agent's --min-residency
+    gatewayDemand: true             # the agents read the gateways' demand (--gateway-demand-url)
+    requestSeconds: 5               # how long a request runs on its model (trace without tokens)
+    tokensPerSecond: 50             # how fast a request's tokens come (trace with tokens)
     minFree: 256Mi                  # the agent's --min-free
     strategy: binpack               # the operator's placement strategy
     startSeconds: {ollama: 2, vllm: 20}   # fixed part of a cold load, per backend
@@ -79,7 +82,26 @@ class ClusterSpec:
     """Fixed part of waking a parked vLLM model (sleep level 1)."""
     min_free_bytes: int = 256 * 2**20
     min_residency_seconds: float = 120.0
+    gateway_demand: bool = True
+    """The agents read the gateways' demand, as the chart has them do: a model's minimum
+    residency ends once it has served its requests and none runs or waits, and `cost` weighs
+    request rates (else 1 / idle time)."""
+    request_seconds: float = 5.0
+    """How long a request keeps its model in use when the trace gives no tokens: a chat answer
+    of a few hundred tokens."""
+    tokens_per_second: float = 50.0
+    """How fast a request's tokens come, for a trace that gives them."""
     strategy: str = "binpack"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.tokens_per_second) and self.tokens_per_second > 0):
+            raise DescriptionError(
+                f"tokensPerSecond: must be a finite number > 0, got {self.tokens_per_second}"
+            )
+
+    def request_duration(self, tokens: int | None) -> float:
+        """Seconds a request of `tokens` (None: not given) keeps its model in use."""
+        return self.request_seconds if tokens is None else tokens / self.tokens_per_second
 
     @property
     def gpu_count(self) -> int:
@@ -147,6 +169,22 @@ def _seconds(raw: Any, where: str) -> float:
     return value
 
 
+def _speed(raw: Any, where: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DescriptionError(f"{where}: must be a number per second, got {raw!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise DescriptionError(f"{where}: must be a finite number > 0, got {raw!r}")
+    return value
+
+
+def _flag(raw: Any, where: str) -> bool:
+    if not isinstance(raw, bool):
+        raise DescriptionError(f"{where}: must be true or false, got {raw!r}")
+    return raw
+
+
 def _node(raw: Mapping[str, Any], index: int) -> list[NodeSpec]:
     where = f"nodes[{index}]"
     gpus = raw.get("gpus")
@@ -202,6 +240,9 @@ def parse_cluster(raw: Mapping[str, Any]) -> ClusterSpec:
         min_residency_seconds=_seconds(
             raw.get("minResidencySeconds", 120.0), "minResidencySeconds"
         ),
+        gateway_demand=_flag(raw.get("gatewayDemand", True), "gatewayDemand"),
+        request_seconds=_seconds(raw.get("requestSeconds", 5.0), "requestSeconds"),
+        tokens_per_second=_speed(raw.get("tokensPerSecond", 50.0), "tokensPerSecond"),
         strategy=strategy,
     )
 

@@ -24,10 +24,16 @@ The GPU memory accounting is `NodeView.budgets` (the operator's: footprints with
 rounding, the agents' reserve), so what the simulator holds is what the operator would
 promise; a load that would over-commit a GPU is counted (and must never happen).
 
-Simplifications, stated: loads do not share disk or PCIe bandwidth; a request takes no GPU
-time (only residency is modelled, not queueing for compute); a parked model stays parked until
-woken (the agent's host-pressure relief needs PSI, which is not simulated); keepAlive expiry
-does not unload (in this system it only permits unloading); one copy per model.
+A request keeps its model in use for `ClusterSpec.request_duration` from the moment it runs
+(its arrival, or the end of the load it waited for); with the gateways' demand
+(`ClusterSpec.gateway_demand`) the agents' eviction sees that (`Resident.in_use`, `served`),
+so a model's minimum residency ends once it has served its requests.
+
+Simplifications, stated: loads do not share disk or PCIe bandwidth; requests on a model run
+side by side without slowing each other (only residency is modelled, not compute); a parked
+model stays parked until woken (the agent's host-pressure relief needs PSI, which is not
+simulated); keepAlive expiry does not unload (in this system it only permits unloading); one
+copy per model.
 """
 
 from __future__ import annotations
@@ -171,6 +177,10 @@ class _Copy:
     ready_at: float
     loaded_at: float
     hold: int
+    served_from: float = math.inf
+    """When a request first ran on it."""
+    free_at: float = math.inf
+    """When it stops being young, by what is known now (`Simulation._evictable_at`)."""
 
 
 class Simulation:
@@ -200,6 +210,18 @@ class Simulation:
         self.max_wait = max_wait
         self.pending: dict[int, list[float]] = {}
         """Requests waiting for room, by model: their arrival times."""
+        self.pending_work: dict[int, float] = {}
+        """The longest those waiting requests run once served, by model."""
+        self.busy_end = [0.0] * len(models)
+        """When the requests on each model end, by model."""
+        tokens = trace.tokens if len(trace.tokens) == len(trace.times) else None
+        self.durations = (
+            [cluster.request_duration(t) for t in tokens]
+            if tokens is not None and any(t is not None for t in tokens)
+            else None
+        )
+        """Each request's run time, where the trace gives tokens; else all run
+        `cluster.request_seconds`."""
         self.retry_at = math.inf
         self.index = {m.key: i for i, m in enumerate(self.models)}
         self.requests, self.unknown = resolve(
@@ -253,10 +275,11 @@ class Simulation:
         """Bytes held per GPU, kept with on_gpu."""
         self._rate_varies = policy == "cost"
         """Whether the policy weighs the decaying request rate, which changes every moment."""
-        self._residents: dict[int, tuple[_Copy, bool, float, Resident]] = {}
-        """The agent's view of each resident copy, by model, with whether it had loaded and the
-        moment it was built (see `_resident`); a request drops its model's entry."""
-        self._unweighed: dict[int, tuple[_Copy, bool, float, Resident]] = {}
+        self._residents: dict[int, tuple[_Copy, tuple[bool, ...], float, Resident]] = {}
+        """The agent's view of each resident copy, by model, with whether it had loaded, was in
+        use and had served, and the moment it was built (see `_resident`); a request drops its
+        model's entry."""
+        self._unweighed: dict[int, tuple[_Copy, tuple[bool, ...], float, Resident]] = {}
         """The same without the request rate, for the rules that never read it."""
         self._node_views: dict[int, tuple[float, NodeView]] = {}
         """Per node, when its current view was built and the view (see `_views`)."""
@@ -269,6 +292,13 @@ class Simulation:
         )
         self.sample_every = max(trace.duration / samples, 1e-9) if samples else math.inf
         self.eligible = [self._eligible(m) for m in self.models]
+        self._fits_in = [
+            sorted(((g, self._footprint(m, g)) for g in gpus), key=lambda item: item[1])
+            or [("", 2**62)]
+            for m, gpus in enumerate(self.eligible)
+        ]
+        """Per model, its eligible GPUs with its footprint there, smallest footprint first (a
+        model with none gets one GPU it never fits)."""
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -389,32 +419,39 @@ class Simulation:
 
     def _resident(self, copy: _Copy, now: float, *, weighed: bool = True) -> Resident:
         """The agent's view of `copy` at `now`, rebuilt only when a figure in it changes: the
-        copy, its last use (a request drops the entry), whether it has loaded, and, where the
+        copy, its last use (a request drops the entry), whether it has loaded, is in use and has
+        served, and, where the
         policy weighs the request rate (`cost`), the moment. `weighed=False` leaves the rate out,
         for questions whose answer never reads it (`is_evictable`)."""
         timed = weighed and self._rate_varies
         cache = self._unweighed if self._rate_varies and not weighed else self._residents
         loaded = copy.ready_at <= now
+        # Demand figures: whether requests run on it (or wait for it) and whether any has.
+        use = (now < self.busy_end[copy.model], copy.served_from <= now)
         known = cache.get(copy.model)
         if (
             known is not None
             and known[0] is copy
-            and known[1] is loaded
+            and known[1] == (loaded, *use)
             and (not timed or known[2] == now)
         ):
             return known[3]
-        resident = self._new_resident(copy, now, loaded, weighed=timed)
-        cache[copy.model] = (copy, loaded, now, resident)
+        resident = self._new_resident(copy, now, loaded, use, weighed=timed)
+        cache[copy.model] = (copy, (loaded, *use), now, resident)
         return resident
 
-    def _new_resident(self, copy: _Copy, now: float, loaded: bool, *, weighed: bool) -> Resident:
+    def _new_resident(
+        self, copy: _Copy, now: float, loaded: bool, use: tuple[bool, bool], *, weighed: bool
+    ) -> Resident:
         model = self.models[copy.model]
         node = self.cluster.nodes[copy.node]
+        demand = self.cluster.gateway_demand
         rate = None
         if self.policy == "oracle-rate" and self.true_rate is not None:
             rate = self.true_rate[copy.model]
-        elif weighed:
+        elif weighed and demand:
             rate = self.demand.rate(copy.model, now)
+        in_use = int(use[0]) if demand else None
         return Resident(
             key=model.key,
             priority=model.priority,
@@ -427,6 +464,8 @@ class Simulation:
             reload_seconds=self.cluster.load_seconds(node, model),
             wake_seconds=self.cluster.wake_seconds_for(node, model) if model.can_park else None,
             request_rate=rate,
+            in_use=in_use,
+            served=demand and use[1],
         )
 
     def _free(self, gpu: str, excluding: int | None = None) -> int:
@@ -545,27 +584,34 @@ class Simulation:
             copy = self.where.get(model)
             if self.policy == OPERATOR:
                 self._used(model, copy, now)
+            runs = self.durations[i] if self.durations else self.cluster.request_seconds
             if copy is not None and copy.state is not ModelState.SLEEPING:
                 if copy.ready_at <= now:
                     result.warm += 1
                 else:
                     result.waited += 1
                     result.latencies.append(copy.ready_at - now)
+                self._serve(copy, now, max(now, copy.ready_at), runs)
                 continue
             waiting = self.pending.get(model)
             if waiting is not None:
                 waiting.append(now)
+                self.pending_work[model] = max(self.pending_work[model], runs)
                 continue
             if self._bring(model, now):
-                result.latencies.append(self.where[model].ready_at - now)
+                copy = self.where[model]
+                result.latencies.append(copy.ready_at - now)
+                self._serve(copy, now, copy.ready_at, runs)
             else:
                 self.pending[model] = [now]
+                self.pending_work[model] = runs
                 self.retry_at = min(self.retry_at, self._next_change(now))
         end = (times[-1] if times else 0.0) + self.max_wait
         self._retry(end)
         for model, arrivals in self.pending.items():
             self._give_up(model, len(arrivals))
         self.pending.clear()
+        self.pending_work.clear()
         result.samples.append((self.trace.duration, self.held))
         result.wall_seconds = wallclock.perf_counter() - started
         return result
@@ -577,15 +623,43 @@ class Simulation:
         copy = self.where.get(model)
         return (copy is not None and self._wake(copy, now)) or self._cold(model, now)
 
-    def _next_change(self, now: float) -> float:
-        """The next moment room could appear (a loaded model passes the minimum residency and
-        becomes evictable) or a waiting request gives up."""
+    def _serve(self, copy: _Copy, now: float, start: float, seconds: float) -> None:
+        """A request served at `now` runs on `copy` from `start` for `seconds`: the agents'
+        demand figures see it in use until then, and served from then on."""
+        model = copy.model
+        self.busy_end[model] = max(self.busy_end[model], start + seconds)
+        copy.served_from = min(copy.served_from, start)
+        if self.cluster.gateway_demand and self.policy != OPERATOR:
+            self._residents.pop(model, None)
+            self._unweighed.pop(model, None)
+            self._settle(copy, now)
+
+    def _settle(self, copy: _Copy, now: float) -> None:
+        """Work out `copy.free_at` again after its figures changed at `now`: the GPU's
+        reclaimable figures go when they no longer hold, and waiting requests are tried again
+        when it comes free."""
+        was, copy.free_at = copy.free_at, self._evictable_at(copy)
+        known = self._reclaim.get(copy.gpu)
+        if known is not None and ((was <= now) != (copy.free_at <= now) or copy.free_at < known[0]):
+            del self._reclaim[copy.gpu]
+        if self.pending and copy.free_at > now:
+            self.retry_at = min(self.retry_at, copy.free_at)
+
+    def _evictable_at(self, copy: _Copy) -> float:
+        """When `copy` stops being young (`eviction.is_young`), by what is known now."""
         minimum = self.cluster.min_residency_seconds
+        if self.policy == OPERATOR:
+            return self._settled_from(copy) + minimum
+        fixed = copy.loaded_at + minimum
+        if not self.cluster.gateway_demand:
+            return fixed
+        return max(self.busy_end[copy.model], min(copy.served_from, fixed))
+
+    def _next_change(self, now: float) -> float:
+        """The next moment room could appear (a loaded model stops being young and becomes
+        evictable) or a waiting request gives up."""
         moments = [
-            self._settled_from(c) + minimum
-            for copies in self.on_gpu.values()
-            for c in copies.values()
-            if self._settled_from(c) + minimum > now
+            c.free_at for copies in self.on_gpu.values() for c in copies.values() if c.free_at > now
         ]
         moments.extend(a[0] + self.max_wait for a in self.pending.values())
         return min(moments, default=math.inf)
@@ -600,54 +674,60 @@ class Simulation:
         self._previous_request[model] = now
         if copy is not None and copy.state is not ModelState.SLEEPING:
             self._recency[key] = self._now(self._settled_from(copy))
-            self._reclaim.pop(copy.gpu, None)
+            self._settle(copy, now)
 
     def _settled_from(self, copy: _Copy) -> float:
-        """When the minimum residency of a copy starts: at its load for the agents' eviction,
-        at its last use for the operator's swap-out (`OPERATOR`)."""
-        if self.policy == OPERATOR:
-            return max(copy.loaded_at, self.last_access[copy.model])
-        return copy.loaded_at
+        """When the operator's minimum residency of a copy starts (`OPERATOR`): at its last use
+        or its load, whichever is later."""
+        return max(copy.loaded_at, self.last_access[copy.model])
 
     def _reclaimable(self, gpu: str, now: float) -> dict[int, int]:
         """VRAM on `gpu` the eviction rules let go now, by the lowest incoming rank that may
         displace it (low and normal; high may preempt, so `_may_fit` does not ask).
 
-        Kept until the GPU's models change (`_occupy`, `_leave_gpu`) or one of them passes the
-        minimum residency, the moments `_next_change` also counts on (and, under `operator`,
-        whose minimum residency runs from the last use, until one of them is asked for).
+        Kept until the GPU's models change (`_occupy`, `_leave_gpu`) or one of them stops being
+        young, the moments `_next_change` also counts on, or a request changes when one does
+        (`_settle`). A model may go once past its `free_at`: placement's rule for a demanded
+        request under `operator`, `eviction.is_evictable` otherwise (a unit test holds the two
+        to the same answer).
         """
         known = self._reclaim.get(gpu)
         if known is not None and now < known[0]:
             return known[1]
-        stamp, minimum = EPOCH + now, self.cluster.min_residency_seconds
         by_rank = dict.fromkeys(range(Priority.HIGH.rank), 0)
         until = math.inf
         for c in self.on_gpu[gpu].values():
-            settles = self._settled_from(c) + minimum
-            if settles > now:
-                until = min(until, settles)
-            if self.policy == OPERATOR:
-                # placement's rule for a demanded request: settled since its last use
-                may_go = self.models[c.model].priority.evictable and settles <= now
-            else:
-                may_go = is_evictable(self._resident(c, now, weighed=False), stamp, self.config)
-            if may_go:
+            if c.free_at > now:
+                until = min(until, c.free_at)
+            elif self.models[c.model].priority.evictable:
                 for taker in range(self.models[c.model].priority.rank, Priority.HIGH.rank):
                     by_rank[taker] += c.hold
         self._reclaim[gpu] = (until, by_rank)
         return by_rank
 
-    def _may_fit(self, model: int, now: float) -> bool:
+    def _most_room(self, now: float) -> dict[int, int]:
+        """The most VRAM any one GPU has free or reclaimable now, by incoming rank."""
+        most = dict.fromkeys(range(Priority.HIGH.rank), 0)
+        for gpu, room in self.room.items():
+            free = room - self.used[gpu]
+            for rank, reclaimable in self._reclaimable(gpu, now).items():
+                most[rank] = max(most[rank], free + reclaimable)
+        return most
+
+    def _may_fit(self, model: int, now: float, most: dict[int, int]) -> bool:
         """Whether some GPU could take it, counting what its priority may displace there (a
-        quick test before asking placement and eviction, which decide)."""
+        quick test before asking placement and eviction, which decide). `most` is
+        `_most_room` from earlier at `now`: it may only have shrunk since."""
         rank = self.models[model].priority.rank
         if rank >= Priority.HIGH.rank:
             return True
+        fits = self._fits_in[model]
+        if most[rank] < fits[0][1]:
+            return False
+        used, room, reclaimable = self.used, self.room, self._reclaimable
         return any(
-            self._free(gpu, model) + self._reclaimable(gpu, now)[rank]
-            >= self._footprint(model, gpu)
-            for gpu in self.eligible[model]
+            room[gpu] - used[gpu] + reclaimable(gpu, now)[rank] >= footprint
+            for gpu, footprint in fits
         )
 
     def _give_up(self, model: int, count: int) -> None:
@@ -660,24 +740,26 @@ class Simulation:
         """Serve waiting requests at each moment room may have appeared, up to `until`."""
         while self.pending and self.retry_at <= until:
             now = self.retry_at
+            most = self._most_room(now)
             for model in list(self.pending):
                 arrivals = self.pending[model]
                 live = [a for a in arrivals if a + self.max_wait > now]
                 self._give_up(model, len(arrivals) - len(live))
                 if not live:
-                    del self.pending[model]
+                    del self.pending[model], self.pending_work[model]
                     continue
                 self.pending[model] = live
                 # A parked model wakes by the agents' plan on its own GPU, which the quick test
                 # does not see; the operator wakes it by placement, which the test does.
                 parked = model in self.where and self.policy != OPERATOR
-                if not parked and not self._may_fit(model, now):
+                if not parked and not self._may_fit(model, now, most):
                     continue
                 if self._bring(model, now):
-                    ready = self.where[model].ready_at
-                    self.result.latencies.extend(ready - a for a in live)
+                    copy = self.where[model]
+                    self.result.latencies.extend(copy.ready_at - a for a in live)
                     self.result.waited += len(live) - 1
                     del self.pending[model]
+                    self._serve(copy, now, copy.ready_at, self.pending_work.pop(model))
             self.retry_at = self._next_change(now) if self.pending else math.inf
 
     def _preload_critical(self, start: float) -> None:
@@ -715,6 +797,7 @@ class Simulation:
             loaded_at=now + seconds,
             hold=self._footprint(model, gpu),
         )
+        copy.free_at = self._evictable_at(copy)
         self._occupy(copy, now, kind)
         if self.policy == OPERATOR:
             self._recency[self.models[model].key] = self._now(self._settled_from(copy))

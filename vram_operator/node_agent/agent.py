@@ -492,6 +492,7 @@ class NodeAgent:
             vram_bytes=measured if measured is not None else needed,
             vram_source="measured" if measured is not None else source,
             loaded_at=self._now(),
+            served=False,
             last_access=info.last_access or self._now(),
             load_seconds=round(elapsed, 3),
             message=None,
@@ -607,7 +608,12 @@ class NodeAgent:
             return
         # Back on the GPU now: just loaded, as far as recency and eviction go.
         self.registry.update(
-            entry.key, state=ModelState.LOADED, message=None, reason=None, loaded_at=self._now()
+            entry.key,
+            state=ModelState.LOADED,
+            message=None,
+            reason=None,
+            loaded_at=self._now(),
+            served=False,
         )
         log.info("woke %s from host RAM", entry.key)
 
@@ -793,6 +799,10 @@ class NodeAgent:
                         changes["last_access"] = info.last_access
                     if info.request_rate != entry.request_rate:
                         changes["request_rate"] = info.request_rate
+                    if info.in_use != entry.in_use:
+                        changes["in_use"] = info.in_use
+                    if info.in_use and entry.state is ModelState.LOADED and not entry.served:
+                        changes["served"] = True
                     if info.vram_bytes and info.state is ModelState.LOADED:
                         changes["vram_bytes"] = info.vram_bytes
                         changes["vram_source"] = "measured"
@@ -909,6 +919,8 @@ class NodeAgent:
             last_access=entry.last_access.timestamp() if entry.last_access else 0.0,
             can_park=entry.can_park,
             request_rate=entry.request_rate,
+            in_use=entry.in_use,
+            served=entry.served,
         )
 
     def _now(self) -> dt.datetime:

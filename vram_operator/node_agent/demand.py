@@ -1,5 +1,6 @@
 """The gateway's demand, read by the agent: each model's last request time, for eviction recency,
-and its request rate lately, for the `cost` policy's frequency.
+its request rate lately, for the `cost` policy's frequency, and the requests running on it or
+waiting for it, which end its minimum residency once served (`eviction.is_young`).
 
 The gateway keeps per-deployment figures in memory and serves them at GET /demand on every
 replica (vram_operator.gateway.demand says why it never writes them to the API server). The
@@ -90,6 +91,25 @@ def request_totals(snapshot: dict[str, Any]) -> dict[Any, int]:
     return totals
 
 
+def in_use(snapshots: Sequence[dict[str, Any]]) -> dict[Any, int]:
+    """Requests running or waiting, per deployment key and per (backend, model), summed over
+    replicas. Snapshots of another schema are skipped."""
+    busy: dict[Any, int] = {}
+    for snapshot in snapshots:
+        if snapshot.get("schema") != SCHEMA:
+            continue
+        for entry in snapshot.get("models") or []:
+            count = sum(
+                value
+                for value in (entry.get("inFlight"), entry.get("waiting"))
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0
+            )
+            for key in (entry.get("key"), _model_key(entry["backend"], entry["model"])):
+                if key is not None:
+                    busy[key] = busy.get(key, 0) + count
+    return busy
+
+
 class GatewayDemand:
     """The gateways' last request times and request rates, refreshed at most once per
     `interval`."""
@@ -103,6 +123,9 @@ class GatewayDemand:
         self.interval = interval
         self._resolver = resolver
         self._latest: dict[Any, dt.datetime] = {}
+        self._in_use: dict[Any, int] = {}
+        """Requests running or waiting at the last read, by key; a key no gateway listed is
+        unknown."""
         self._totals: dict[tuple[str, Any], int] = {}
         """The last request count per (gateway address, key): rates come from its growth."""
         self._counted: set[Any] = set()
@@ -124,7 +147,9 @@ class GatewayDemand:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         snapshots = await asyncio.gather(*(self._read(a) for a in addresses))
-        self._latest = merge([s for s in snapshots if s is not None])
+        read = [s for s in snapshots if s is not None]
+        self._latest = merge(read)
+        self._in_use = in_use(read)
         now = time.monotonic()
         for address, snapshot in zip(addresses, snapshots, strict=True):
             if snapshot is not None:
@@ -172,6 +197,14 @@ class GatewayDemand:
                 return self._rates.rate(key, now)
         return None
 
+    def requests_in_use(self, info: ResidentInfo, backend: Backend) -> int | None:
+        """Requests running on the model `info` reports or waiting for it, at the last read;
+        None if no gateway listed it."""
+        for key in (info.key, _model_key(backend.value, info.model)):
+            if key is not None and key in self._in_use:
+                return self._in_use[key]
+        return None
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -207,6 +240,9 @@ class DemandAwareBackend:
             rate = self.demand.request_rate(info, self.inner.kind)
             if rate is not None:
                 info = dataclasses.replace(info, request_rate=rate)
+            busy = self.demand.requests_in_use(info, self.inner.kind)
+            if busy is not None:
+                info = dataclasses.replace(info, in_use=busy)
             result.append(info)
         return result
 

@@ -11,8 +11,11 @@ under memory pressure and host RAM can take it; otherwise it is unloaded.
 
 Rules every plan keeps:
 - critical models are never evicted or parked;
-- a model still loading, or loaded less than `min_residency_seconds` ago, stays, so loads
-  cannot thrash each other;
+- a model still loading stays, and so does one with requests running on it or waiting for it
+  (where the gateways' demand says so: `Resident.in_use`); once it has served requests since
+  its load and none is left, it is free to go; one that has not (loaded for a replica nobody
+  asked for yet, or with no demand figures at all) stays `min_residency_seconds` from its load.
+  Each load so serves what it was loaded for, and loads cannot thrash each other;
 - an incoming model displaces only models of its own priority or lower (a critical one may
   displace any non-critical model), so a low model never pushes out a high one while equal
   priorities still behave as a cache;
@@ -80,7 +83,8 @@ class EvictionConfig:
     """Victim order: lru, priority or hybrid (priority-weighted recency)."""
 
     min_residency_seconds: float = 120.0
-    """A model loaded more recently than this is never evicted, so loads cannot thrash."""
+    """A model loaded more recently than this is never evicted, so loads cannot thrash, unless
+    it has already served requests since and none runs or waits (`Resident.served`)."""
 
     weights: Mapping[Priority, float] = field(default_factory=lambda: DEFAULT_WEIGHTS, hash=False)
     """Hybrid weight per evictable priority; entries left out keep their DEFAULT_WEIGHTS value."""
@@ -185,10 +189,17 @@ class Resident:
     """Seconds to wake it from host RAM once parked (only read when it can park)."""
     request_rate: float | None = None
     """Requests per second lately, as demand figures report them (decaying with time)."""
+    in_use: int | None = None
+    """Requests running on it or waiting for it, as demand figures report them; None where
+    none do."""
+    served: bool = False
+    """Requests have run on it since its load (demand figures saw it in use once loaded)."""
 
     def __post_init__(self) -> None:
         if self.vram_bytes < 0 or self.host_bytes < 0:
             raise ValueError(f"{self.key}: vram_bytes and host_bytes must be >= 0")
+        if self.in_use is not None and self.in_use < 0:
+            raise ValueError(f"{self.key}: in_use must be >= 0")
         for name in ("reload_seconds", "wake_seconds", "request_rate"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -358,12 +369,21 @@ def coldest_first(
     )
 
 
+def is_young(resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG) -> bool:
+    """Whether its load has not yet paid off: requests run on it or wait for it, or it has
+    served none since its load and is within the minimum residency."""
+    if resident.in_use:
+        return True
+    paid_off = resident.served and resident.in_use is not None
+    return not paid_off and now - resident.loaded_at < config.min_residency_seconds
+
+
 def is_evictable(resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG) -> bool:
-    """Whether it may leave its tier at all: not critical, settled, and past minimum residency."""
+    """Whether it may leave its tier at all: not critical, settled, and not young."""
     return (
         resident.priority.evictable
         and resident.state in (ModelState.LOADED, ModelState.SLEEPING)
-        and now - resident.loaded_at >= config.min_residency_seconds
+        and not is_young(resident, now, config)
     )
 
 
@@ -501,15 +521,15 @@ def plan_room(
             if r.priority.evictable
             and r.priority.rank <= incoming_priority.rank
             and r.state is ModelState.LOADED
-            and now - r.loaded_at < config.min_residency_seconds
+            and is_young(r, now, config)
         )
         message = (
             f"{need}, {format_bytes(freed)} held by models a {incoming_priority} model may evict"
         )
         if young:
             message += (
-                f", {format_bytes(young)} more once recently loaded models pass the "
-                f"{config.min_residency_seconds:g}s minimum residency"
+                f", {format_bytes(young)} more once recently loaded models serve their requests"
+                f" or pass the {config.min_residency_seconds:g}s minimum residency"
             )
         return RoomPlan(False, INSUFFICIENT_VRAM, message)
     why = f"room for a {incoming_priority} model ({need})"

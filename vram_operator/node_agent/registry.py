@@ -44,6 +44,11 @@ class Entry:
     """Where it answers requests, as the backend reports."""
     request_rate: float | None = None
     """Requests per second lately, from the gateways' counts; None without them."""
+    in_use: int | None = None
+    """Requests running on it or waiting for it at the gateways; None without them."""
+    served: bool = False
+    """The gateways saw requests on it since it was last loaded or woken: its minimum
+    residency no longer holds once none is left (`eviction.is_young`)."""
 
     def to_status(self) -> ResidentModel:
         return ResidentModel(

@@ -77,6 +77,8 @@ class ResidentInfo:
     `http://POD_IP:PORT/{key}`, its OpenAI base URL being that + /v1); None if unknown."""
     request_rate: float | None = None
     """Requests per second lately, where the gateways count them (`node_agent.demand`)."""
+    in_use: int | None = None
+    """Requests running on it or waiting for it at the gateways, where they report it."""
 
 
 @dataclass(frozen=True)
