@@ -9,8 +9,9 @@ each over three clusters of 80 GiB GPUs in nodes of four (`examples/capacity/clu
 speeds): 4 GPUs serving 50 seeded ModelDeployments, 8 serving 100, 16 serving 200 (the
 `simulate catalog --seed 1` models, 0.5-40 GiB), so that in every cluster more than half of the
 catalog's bytes fit at once. Every policy replays the same trace. Then a sensitivity table on
-the 8-GPU cluster: the request rate and the agents' minimum residency, the two settings the
-outcome depends on most. `--write` puts the figures into BENCHMARKS.md's "## Capacity"
+the 8-GPU cluster: the request rate and the agents' minimum residency rule (fixed, or ended
+once a model has served its requests, with requests of two lengths), the settings the outcome
+depends on most. `--write` puts the figures into BENCHMARKS.md's "## Capacity"
 section, leaving the others.
 """
 
@@ -49,7 +50,13 @@ SHOWN = ("Zipf 0.8", 8)
 DEFAULT = EvictionConfig.policy
 SENSITIVITY_POLICIES = ("lru", "hybrid", "cost", "operator", "oracle-rate", "oracle-lfu", "offline")
 SENSITIVITY_RATES = (0.5, 1.0, 2.0)
-SENSITIVITY_RESIDENCY = (120.0, 30.0, 0.0)
+SENSITIVITY_RULES: tuple[tuple[str, dict[str, object]], ...] = (
+    ("fixed 120 s", {"gateway_demand": False}),
+    ("served, 5 s requests", {}),
+    ("served, 30 s requests", {"request_seconds": 30.0}),
+)
+"""The agents' minimum residency: 120 s from the load with no demand figures, or ended once
+a model has served its requests (with requests of two lengths)."""
 
 
 PROSE = (
@@ -62,10 +69,10 @@ PROSE = (
     "for the head of the Zipf curve and tens for its tail, the shape of "
     "multi-model load (a few models take most requests, a long tail is asked for now and "
     "then) that the Azure Functions trace shows and the serverless-LLM work replays. It is "
-    "not denser because a request takes no GPU time in the simulator but every miss is a load"
-    " of 2 to 40 s: loads per second are the rate times the miss ratio, and at 2 requests/s "
-    "on these clusters LRU's cold-load seconds more than double (the sensitivity table "
-    "below): the GPUs spend much of their time loading, not a cluster anyone would run.",
+    "not denser because every miss is a load of 2 to 40 s: loads per second are the rate "
+    "times the miss ratio, and at 2 requests/s on these clusters LRU's cold-load seconds "
+    "more than double (the sensitivity table below): the GPUs spend much of their time "
+    "loading, not a cluster anyone would run.",
     "- Clusters: the catalog grows with the cluster, 12.5 models per GPU, so that the GPUs "
     "hold more than half of its bytes at every size (the scenario lines say how much): a cluster"
     " bought to hold most of its hot set, where the choice of victim matters. With 200 models"
@@ -76,43 +83,35 @@ PROSE = (
     "",
     "### What the figures say",
     "",
-    "1. At the agents' default minimum residency no eviction policy meets the goal, and none "
-    "could (`operator`, which is not one, is point 6). "
-    "`oracle-lfu` is told each model's true rate: for independent requests of fixed "
-    "popularity, which the two Zipf traces are (the bursty one adds short bursts), that is "
-    "the classic best online order, and it falls short of 20% below LRU too (the range lines "
-    "above). The rest of `offline`'s lead comes from knowing when each next request arrives, "
-    "which independent arrivals tell nobody online: at this minimum residency, within 15% of "
-    "the offline reference is out of reach of any online policy on these traces.",
-    "2. The minimum residency (`--min-residency`, 120 s) is what holds the cost policy back. "
-    "It protects every freshly loaded model whatever it is worth. LRU loses little by that (a"
-    " model just loaded is its most recent anyway); a frequency or cost order loses most, "
-    "because the first model it would evict is the one just loaded for a single request, and "
-    "with that choice taken away it must evict an older, more valuable one. The sensitivity "
-    "table shows `cost` meeting the 20% goal against LRU only once the minimum residency is "
-    "gone (the lines under it count the rows), and then the cost weighting pays too (the 0 s "
-    "rows of `oracle-rate` against `oracle-lfu`). In the simulator a request takes no GPU time, "
-    "so 0 s overstates what is safe: in a cluster a model must at least finish the requests "
-    "it was loaded for, and the operator sees residency a report interval late. A minimum "
-    "residency that ends with the model's in-flight requests (the gateway's demand figures "
-    "have them) rather than after a fixed time is the change this points to; it is a rule "
-    "every policy shares, so it is left for its own issue.",
-    "3. At 120 s the cost weighting does not help even with the true rates: `oracle-rate` "
-    "(the cost rule told them) against `oracle-lfu` (the true rates alone), counted above. "
-    "Cost per byte varies little here (the 2 s Ollama start beside size at 2 GiB/s), and "
-    "pricing a parkable vLLM model at its wake makes the rule evict those first; the cheap "
-    "comeback is one every policy gets anyway (each parks its victims when it can), while "
-    "waking one needs room on its own GPU and displaces what is there, which the price does "
-    "not see (the wakes in the detail table). The cost rule now prices a parkable victim at "
-    "its reload when host RAM cannot take it.",
+    "1. With the gateways' demand, as the chart gives the agents, a model's minimum residency "
+    "ends once it has served its requests and none runs or waits (`eviction.is_young`); the "
+    "fixed 120 s from its load holds only where no demand figure says otherwise. That rule is "
+    "what lets a frequency or cost order work: under the fixed rule every freshly loaded "
+    "model is protected whatever it is worth, and the first model such an order would evict "
+    "is exactly the one just loaded for a single request, so it must evict an older, more "
+    "valuable one instead. LRU loses little either way (a model just loaded is its most "
+    "recent anyway). The sensitivity table's fixed rows are the old rule.",
+    "2. `cost` (GreedyDual-Size-Frequency: the smallest priority weight x decayed request "
+    "rate x cost of bringing back / VRAM goes first) is the agents' default now: it had fewer"
+    " cold-load seconds than `hybrid`, the former default, in every cell, and fewer than "
+    "`oracle-lfu`, which is told each model's true rate but is blind to size, in most (the "
+    "goal and range lines count them). Its goal lines above say where it meets 20% below LRU "
+    "and below Ollama's rule.",
+    "3. Within 15% of the offline reference is out of reach of every online order on these "
+    "traces, `oracle-lfu` and `oracle-rate` included: for independent requests of fixed "
+    "popularity, which the two Zipf traces are (the bursty one adds short bursts), the true "
+    "rate is all an online policy could know, and the rest of `offline`'s lead comes from "
+    "knowing when each next request arrives.",
     "4. The rate the `cost` policy weighs is the same figure in the simulator and in a "
     "cluster: request counts decayed with a 600 s half-life (`eviction.DecayedRates`), from the"
     " trace here and, in a cluster, from the growth of the gateways' request counts, which the "
-    "agent reads with `--gateway-demand-url` (`node_agent/demand.py`). An agent without a "
-    "gateway has no rate, and `cost` reads 1 / idle time instead: recency times cost per byte.",
+    "agent reads with `--gateway-demand-url` (`node_agent/demand.py`), with each model's "
+    "requests running or waiting (`inFlight` plus `waiting`). An agent without a gateway has "
+    "neither: `cost` reads 1 / idle time instead (recency times cost per byte) and the fixed "
+    "minimum residency holds.",
     "5. Unserved requests: an incoming model displaces only models of its own priority or "
     "lower, so a low-priority model waits, and is given up after 600 s, while GPUs hold idle "
-    "normal ones; in the 4-GPU cells almost all of them are one popular low model, under "
+    "normal ones; in the 4-GPU cells most of them are one popular low model, under "
     "every policy (the lines above name it). A policy's cold-load seconds leave out the loads"
     " its unserved requests would have needed: read them with the unserved counts beside "
     "them.",
@@ -120,15 +119,17 @@ PROSE = (
     "fits nowhere: since the agents no longer evict an assigned model for another (issue 7), "
     "the operator's `place`, told the model is demanded, picks the GPU and the models to swap "
     "out (settled ones of its priority or lower, lowest priority first, then LRU-2), and "
-    "`plan_parking` parks those that can sleep; the agents' `--eviction-policy` plays no part "
-    "in it. Its minimum residency runs from a model's last use, not from its load (the "
-    "operator's `--min-residency`, 60 s by default; here the same 120 s as every policy), so "
-    "a model asked for within it is never swapped out: it swaps out less and more requests "
-    "wait for room, some until they are given up. Its cold-load seconds leave out what those "
-    "would have loaded, so they can fall below the offline reference's: read its cells with "
-    "their unserved counts, and the added p99 in the detail table, before its goal lines.",
+    "`plan_parking` parks those that can sleep; the agents' `--eviction-policy` decides only "
+    "what they demote under memory pressure. Its minimum residency runs from a model's last "
+    "use, not from its load (the operator's `--min-residency`, 60 s by default; here the same "
+    "120 s as the agents'), so a model asked for within it is never swapped out: it swaps out"
+    " less and more requests wait for room, some until they are given up. Its cold-load "
+    "seconds leave out what those would have loaded: read its cells with their unserved "
+    "counts, and the added p99 in the detail table, before its goal lines. Giving the "
+    "operator's swap-out the cost order and the served rule is the next step these figures "
+    "point to.",
     "",
-    "`hybrid` stays the agents' default (`--eviction-policy`, the chart's `agent.policy`).",
+    "`cost` is the agents' default (`--eviction-policy`, the chart's `agent.policy`).",
 )
 
 
@@ -299,20 +300,21 @@ def compare(
 def sensitivity(seed: int, base: ClusterSpec, pool: ProcessPoolExecutor) -> list[str]:
     gpus, count = 8, 100
     grid = [
-        (name, rate, minimum)
+        (name, rate, rule)
         for name in ("Zipf 0.8", "Zipf 1.1")
         for rate in SENSITIVITY_RATES
-        for minimum in SENSITIVITY_RESIDENCY
+        for rule, _ in SENSITIVITY_RULES
     ]
+    settings = dict(SENSITIVITY_RULES)
     jobs = [
         (
-            replace(base.with_gpus(gpus), min_residency_seconds=minimum),
+            replace(base.with_gpus(gpus), **settings[rule]),  # type: ignore[arg-type]
             count,
             workloads(rate)[name],
             seed,
             policy,
         )
-        for name, rate, minimum in grid
+        for name, rate, rule in grid
         for policy in SENSITIVITY_POLICIES
     ]
     flat = list(pool.map(_run, jobs))
@@ -320,30 +322,30 @@ def sensitivity(seed: int, base: ClusterSpec, pool: ProcessPoolExecutor) -> list
         (
             "trace",
             "requests/s",
-            "min residency s",
+            "minimum residency",
             "lru cold-load s",
             *(p for p in SENSITIVITY_POLICIES if p != "lru"),
         )
     ]
     width = len(SENSITIVITY_POLICIES)
-    for index, (name, rate, minimum) in enumerate(grid):
+    for index, (name, rate, rule) in enumerate(grid):
         results = {r.policy: r for r in flat[index * width : (index + 1) * width]}
         lru = results["lru"]
         rows.append(
             (
                 name,
                 f"{rate:g}",
-                f"{minimum:g}",
+                rule,
                 f"{lru.cold_load_seconds:.0f} ({100 * lru.warm_ratio:.0f}%, {lru.unserved})",
                 *(_cell(results[p], lru) for p in SENSITIVITY_POLICIES if p != "lru"),
             )
         )
     lines = [markdown(rows), ""]
-    for minimum in SENSITIVITY_RESIDENCY:
+    for rule, _ in SENSITIVITY_RULES:
         picked = [
             {r.policy: r for r in flat[i * width : (i + 1) * width]}
-            for i, (_, _, m) in enumerate(grid)
-            if m == minimum
+            for i, (_, _, r) in enumerate(grid)
+            if r == rule
         ]
         for policy in ("cost", OPERATOR, "oracle-lfu"):
             lru_ratios = [c[policy].cold_load_seconds / c["lru"].cold_load_seconds for c in picked]
@@ -351,7 +353,7 @@ def sensitivity(seed: int, base: ClusterSpec, pool: ProcessPoolExecutor) -> list
                 c[policy].cold_load_seconds / c["offline"].cold_load_seconds for c in picked
             ]
             lines.append(
-                f"- minimum residency {minimum:g} s, `{policy}`: {min(lru_ratios):.2f}-"
+                f"- minimum residency {rule}, `{policy}`: {min(lru_ratios):.2f}-"
                 f"{max(lru_ratios):.2f} x LRU, >= 20% fewer cold-load seconds than LRU in "
                 f"{sum(x <= 0.8 for x in lru_ratios)}/{len(picked)} rows; "
                 f"{min(off_ratios):.2f}-{max(off_ratios):.2f} x offline, within 15% of it in "
@@ -420,8 +422,10 @@ def main() -> int:
         f"(`simulate catalog --seed {args.seed}`: 0.5-40 GiB, 70% Ollama, 30% vLLM with "
         "sleep mode, 2 critical, 10% high, 20% low); nodes of four 80 GiB GPUs, 512 GiB host "
         "RAM, disk 2 GiB/s, host RAM 16 GiB/s, load start 2 s (Ollama) / 20 s (vLLM), wake "
-        "0.5 s plus size / 16 GiB/s, the agents' default minimum residency (120 s), waiting "
-        "requests given up after 600 s",
+        "0.5 s plus size / 16 GiB/s, each request running 5 s on its model, the agents reading"
+        " the gateways' demand (so a model's minimum residency, 120 s from its load, ends once "
+        "it has served its requests and none runs or waits), waiting requests given up after "
+        "600 s",
         "",
         "Each cell: cold-load seconds (disk loads plus wakes) relative to LRU on the same "
         "trace, then (warm-hit ratio, unserved requests). Critical evictions and "
@@ -440,7 +444,9 @@ def main() -> int:
         lines += [
             "",
             "Sensitivity, 8 GPUs / 100 models, the same seed: the request rate (8 h each) and "
-            "the minimum residency (`--min-residency`); cells as above, LRU's absolute "
+            "the agents' minimum residency rule (fixed: 120 s from the load, no demand figures; "
+            "served: ended once the model has served its requests, which run 5 s or 30 s); "
+            "cells as above, LRU's absolute "
             "figure with its (warm-hit ratio, unserved requests).",
             "",
             *extra,

@@ -331,7 +331,7 @@ def test_agent_daemonset_defaults(default_release: Release) -> None:
         "--ollama-max-loaded-models=16",
         "--vllm-supervisor-url=http://127.0.0.1:8900",
         "--report-interval=10",
-        "--policy=hybrid",
+        "--policy=cost",
         "--min-residency=120",
         "--psi-threshold=10",
         "--min-free=256Mi",

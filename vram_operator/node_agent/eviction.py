@@ -79,8 +79,9 @@ VictimOrder = Callable[["Resident", float], tuple[float, ...]]
 class EvictionConfig:
     """The agent's eviction settings; invalid values raise ValueError naming the field."""
 
-    policy: Policy = "hybrid"
-    """Victim order: lru, priority or hybrid (priority-weighted recency)."""
+    policy: Policy = "cost"
+    """Victim order: lru, priority, hybrid (priority-weighted recency) or cost (the default:
+    it had the fewest cold-load seconds of the four in BENCHMARKS.md, "Capacity")."""
 
     min_residency_seconds: float = 120.0
     """A model loaded more recently than this is never evicted, so loads cannot thrash, unless
