@@ -70,8 +70,7 @@ PROSE = (
     "multi-model load (a few models take most requests, a long tail is asked for now and "
     "then) that the Azure Functions trace shows and the serverless-LLM work replays. It is "
     "not denser because every miss is a load of 2 to 40 s: loads per second are the rate "
-    "times the miss ratio, and at 2 requests/s on these clusters LRU's cold-load seconds "
-    "more than double (the sensitivity table below): the GPUs spend much of their time "
+    "times the miss ratio, and at a much higher rate the GPUs spend much of their time "
     "loading, not a cluster anyone would run.",
     "- Clusters: the catalog grows with the cluster, 12.5 models per GPU, so that the GPUs "
     "hold more than half of its bytes at every size (the scenario lines say how much): a cluster"
@@ -90,18 +89,19 @@ PROSE = (
     "model is protected whatever it is worth, and the first model such an order would evict "
     "is exactly the one just loaded for a single request, so it must evict an older, more "
     "valuable one instead. LRU loses little either way (a model just loaded is its most "
-    "recent anyway). The sensitivity table's fixed rows are the old rule.",
+    "recent anyway). Without `--no-sensitivity` the script compares the fixed rule with the "
+    "served one at three request rates.",
     "2. `cost` (GreedyDual-Size-Frequency: the smallest priority weight x decayed request "
     "rate x cost of bringing back / VRAM goes first) is the agents' default now: it had fewer"
     " cold-load seconds than `hybrid`, the former default, in every cell, and fewer than "
     "`oracle-lfu`, which is told each model's true rate but is blind to size, in most (the "
-    "goal and range lines count them). Its goal lines above say where it meets 20% below LRU "
-    "and below Ollama's rule.",
-    "3. Within 15% of the offline reference is out of reach of every online order on these "
-    "traces, `oracle-lfu` and `oracle-rate` included: for independent requests of fixed "
-    "popularity, which the two Zipf traces are (the bursty one adds short bursts), the true "
-    "rate is all an online policy could know, and the rest of `offline`'s lead comes from "
-    "knowing when each next request arrives.",
+    "first table). Its goal lines above say where it meets 20% below LRU and below Ollama's "
+    "rule.",
+    "3. Within 15% of the offline reference `cost` came only in the cells its goal lines "
+    "say, and the true rates alone (`oracle-lfu`) came no closer in most cells: for "
+    "independent requests of fixed popularity, which the two Zipf traces are (the bursty "
+    "one adds short bursts), the true rate is all an online policy could know, and the "
+    "rest of `offline`'s lead comes from knowing when each next request arrives.",
     "4. The rate the `cost` policy weighs is the same figure in the simulator and in a "
     "cluster: request counts decayed with a 600 s half-life (`eviction.DecayedRates`), from the"
     " trace here and, in a cluster, from the growth of the gateways' request counts, which the "
