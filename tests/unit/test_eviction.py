@@ -132,7 +132,8 @@ def test_recency_counts_from_the_load_when_never_used_since() -> None:
 
 def test_a_critical_model_is_never_cold() -> None:
     critical = model("c", CRITICAL, idle=10**9)
-    assert coldness(critical, NOW)[0] == 0.0
+    assert coldness(critical, NOW, EvictionConfig(policy="hybrid"))[0] == 0.0
+    assert coldness(critical, NOW, EvictionConfig(policy="cost"))[0] == float("-inf")
     assert not is_evictable(critical, NOW)
 
 
