@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from vram_operator.node_agent.eviction import (
     is_evictable,
     keep_value,
     plan_room,
+    price,
 )
 from vram_operator.node_agent.main import build_parser
 
@@ -293,6 +295,81 @@ def test_cost_policy_prices_a_victim_host_ram_cannot_take_at_its_reload() -> Non
     # without it p would be unloaded, 30 s to reload: 0.75 > 0.3, so o goes instead
     assert plan(host_available_bytes=4 * GI) == [("o", "unload")]
     assert plan(host_under_pressure=True) == [("o", "unload")]
+
+
+def test_cost_policy_frees_room_at_the_least_summed_price() -> None:
+    # 10 GiB needed, none free. Prices (2 x rate x 10 s): a 0.05, b 0.125, c 0.2; per GiB
+    # a 0.01, c 0.02, b 0.025. Coldest first would take a, then c, and drop a as not needed:
+    # c alone, 0.2. The cheapest cover is a and b, 0.175.
+    now = 10_000.0
+    common: dict[str, Any] = {"state": ModelState.LOADED, "loaded_at": 0.0, "last_access": now}
+    a = Resident("a", Priority.NORMAL, 5 * GI, reload_seconds=10, request_rate=0.0025, **common)
+    b = Resident("b", Priority.NORMAL, 5 * GI, reload_seconds=10, request_rate=0.00625, **common)
+    c = Resident("c", Priority.NORMAL, 10 * GI, reload_seconds=10, request_rate=0.01, **common)
+    config = EvictionConfig(policy="cost")
+    assert price(a, now, config) == pytest.approx(0.05)
+    assert [r.key for r in coldest_first([a, b, c], now, config)] == ["a", "c", "b"]
+    plan = plan_room([a, b, c], 10 * GI, 0, now, config, incoming_priority=Priority.NORMAL)
+    assert sorted(action.key for action in plan.actions) == ["a", "b"]
+    assert plan.price == pytest.approx(0.175)
+    # the other policies keep to their order: lru takes the longest idle and no more
+    idle = [replace(r, last_access=now - t) for r, t in ((a, 30), (b, 10), (c, 20))]
+    lru = plan_room(
+        idle, 10 * GI, 0, now, EvictionConfig(policy="lru"), incoming_priority=Priority.NORMAL
+    )
+    assert [action.key for action in lru.actions] == ["c"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 12), st.floats(0.001, 1.0)), min_size=1, max_size=9),
+    st.integers(1, 40),
+)
+def test_the_cost_policys_cover_is_the_cheapest_and_irreducible(
+    models: list[tuple[int, float]], needed: int
+) -> None:
+    """Against every subset: no cheaper set frees the room, and dropping any victim would no
+    longer free it."""
+    now = 10_000.0
+    common: dict[str, Any] = {"state": ModelState.LOADED, "loaded_at": 0.0, "last_access": now}
+    residents = [
+        Resident(f"m{i}", Priority.NORMAL, gib * GI, reload_seconds=10, request_rate=rate, **common)
+        for i, (gib, rate) in enumerate(models)
+    ]
+    config = EvictionConfig(policy="cost")
+    plan = plan_room(residents, needed * GI, 0, now, config, incoming_priority=Priority.NORMAL)
+    total = sum(gib for gib, _ in models)
+    assert plan.feasible == (total >= needed)
+    if not plan.feasible:
+        return
+    sizes = {a.key: a.freed_bytes for a in plan.actions}
+    assert sum(sizes.values()) >= needed * GI
+    assert all(sum(sizes.values()) - size < needed * GI for size in sizes.values())
+    prices = [price(r, now, config) for r in residents]
+    cheapest = min(
+        sum(p for i, p in enumerate(prices) if mask >> i & 1)
+        for mask in range(1, 2 ** len(residents))
+        if sum(g for i, (g, _) in enumerate(models) if mask >> i & 1) >= needed
+    )
+    assert plan.price == pytest.approx(cheapest)
+
+
+def test_the_cost_policy_makes_room_on_the_gpu_where_it_costs_least() -> None:
+    # Two 10 GiB GPUs, full: g0 holds x (10 GiB, asked for 3 times), g1 y (asked for 4 times)
+    # and z (10 times), 5 GiB each; loads take 1 s per GiB. w (5 GiB) at 100 s. Per GiB x is
+    # the coldest (3 requests' worth against y's 4), so the plan whose hottest victim is
+    # coldest evicts x (hybrid, the longest idle, too); but x's eviction costs 10 GiB of
+    # loading at its rate, y's 5 GiB at a rate a third higher: under cost y goes.
+    models = [ollama("x", 10), ollama("y", 5), ollama("z", 5), ollama("w", 5)]
+    requests = trace(
+        *((t, "x") for t in (0, 11, 12)),
+        *((t, "y") for t in (20, 26, 27, 28)),
+        *((t, "z") for t in (40, *range(46, 55))),
+        (100, "w"),
+    )
+    for policy, victim in (("cost", "default.y"), ("hybrid", "default.x")):
+        result = Simulation(cluster(10, 10), models, requests, policy, record_events=True).run()
+        assert [e.key for e in result.events if e.kind == "unload"] == [victim], policy
 
 
 def test_oracle_rate_reads_the_true_rates_and_the_cost_rule() -> None:

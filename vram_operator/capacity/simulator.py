@@ -11,7 +11,8 @@ For every request, in time order:
 - otherwise a cold load: the operator's `place` picks a GPU among those it fits on now; when
   none has room, `plan_room` (the agent's eviction, under the policy) is asked on every GPU the
   model may go to, and the GPU whose plan evicts the coldest set wins (its hottest victim is
-  the coldest, in the policy's order over the whole cluster); `place` then places it there.
+  the coldest, in the policy's order over the whole cluster; under `cost`, the plan with the
+  least price); `place` then places it there.
   A high or critical model that no plan makes room for (young models, higher priorities) is
   placed with the operator's priority preemption. If nothing works the request waits, as the
   gateway holds it, and is tried again whenever room may have appeared (a load ends, a model
@@ -905,13 +906,15 @@ class Simulation:
         return views
 
     def _coldest_plan(self, model: int, now: float) -> RoomPlan | None:
-        """The feasible plan whose hottest victim is coldest in the policy's cluster-wide order.
+        """The feasible plan whose hottest victim is coldest in the policy's cluster-wide order;
+        under `cost` (which prices its plans, `RoomPlan.price`) the cheapest plan.
 
         Ties go to fewer victims, then fewer bytes freed, then the GPU's name. A GPU's plan takes
         its victims coldest first, so its hottest victim is no colder than its coldest
         displaceable resident: GPUs are tried in that order, and the search stops once no GPU
-        left can beat the best plan found. A GPU whose displaceable models hold too little to
-        make the room is not tried (the result is that of trying every GPU).
+        left can beat the best plan found (a price has no such bound: under `cost` every GPU
+        is tried). A GPU whose displaceable models hold too little to make the room is not
+        tried (the result is that of trying every GPU).
         """
         gpus = self.eligible[model]
         stamp = EPOCH + now
@@ -934,15 +937,17 @@ class Simulation:
                     freeable += c.hold
             if self._free(gpu, excluding=model) + freeable >= self._footprint(model, gpu):
                 bound[gpu] = min(candidates, default=len(rank))
-        best: tuple[tuple[int, int, int, str], RoomPlan] | None = None
+        priced = self.config.policy == "cost" and self.config.victim_order is None
+        best: tuple[tuple[float, int, int, str], RoomPlan] | None = None
         for gpu in sorted(bound, key=lambda g: (bound[g], g)):
-            if best is not None and bound[gpu] > best[0][0]:
+            if best is not None and not priced and bound[gpu] > best[0][0]:
                 break
             plan = self._plan_on(gpu, model, now, residents)
             if not plan.feasible:
                 continue
             hottest = max((rank[a.key] for a in plan.actions), default=-1)
-            score = (hottest, len(plan.actions), plan.freed_bytes, gpu)
+            first = plan.price if priced else float(hottest)
+            score = (first, len(plan.actions), plan.freed_bytes, gpu)
             if best is None or score < best[0]:
                 best = (score, plan)
         return None if best is None else best[1]

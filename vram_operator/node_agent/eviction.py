@@ -19,8 +19,10 @@ Rules every plan keeps:
 - an incoming model displaces only models of its own priority or lower (a critical one may
   displace any non-critical model), so a low model never pushes out a high one while equal
   priorities still behave as a cache;
-- room is made with an irreducible set of victims picked coldest first: dropping any one of
-  them would no longer make room, so at most one model's worth more than needed is freed;
+- room is made with an irreducible set of victims: dropping any one of them would no longer
+  make room, so at most one model's worth more than needed is freed. Under `cost` it is the
+  set whose summed `price` is least (a minimum-cost cover of the bytes needed); under the
+  other policies the coldest victims in the policy's order;
 - when even every eligible victim would not make room, nothing is evicted (InsufficientVRAM).
 
 The cost-aware policy (`cost`) is GreedyDual-Size-Frequency (Cherkasova 1998) made a pure
@@ -31,7 +33,10 @@ it has none), which does the clock's ageing without any state kept between calls
 is what bringing the model back costs (its wake time when it can be parked and host RAM can
 take it now, else its load time), and the priority weights it as for `hybrid`. The model with
 the smallest `weight * rate * cost / size` goes first: rarely used, cheap to bring back, and
-large.
+large. A model's `price` (the same figure times its GiB: weight x rate x comeback seconds)
+is what its eviction costs per second in loads to come, so a plan's price is the sum of its
+victims' and the cheapest plan wins: one 20 GiB model asked for now and then goes before two
+10 GiB models asked for as often, though each of the two is as cold per byte.
 """
 
 from __future__ import annotations
@@ -249,6 +254,9 @@ class RoomPlan:
     reason: str
     message: str
     actions: tuple[Action, ...] = ()
+    price: float = 0.0
+    """The victims' summed `price`: what the plan costs in loads to come, per second; the
+    cheapest of several GPUs' plans is the one to carry out under `cost`."""
 
     @property
     def freed_bytes(self) -> int:
@@ -360,6 +368,12 @@ def keep_value(resident: Resident, now: float, config: EvictionConfig = DEFAULT_
     return weight * rate * comeback_seconds(resident, config) / size
 
 
+def price(resident: Resident, now: float, config: EvictionConfig = DEFAULT_CONFIG) -> float:
+    """What evicting it costs under `cost`: weight x request rate x comeback seconds, the
+    seconds of loading its eviction is expected to cause per second from now on."""
+    return keep_value(resident, now, config) * max(resident.vram_bytes, 1) / GIB
+
+
 def coldest_first(
     residents: Iterable[Resident], now: float, config: EvictionConfig = DEFAULT_CONFIG
 ) -> list[Resident]:
@@ -449,6 +463,61 @@ def _cover(candidates_coldest_first: list[Resident], deficit: int) -> list[Resid
     return chosen
 
 
+_FRONTIER = 128
+"""The most partial sets `_cheapest_cover` carries from one candidate to the next."""
+
+
+def _cheapest_cover(
+    candidates_coldest_first: list[Resident], deficit: int, now: float, config: EvictionConfig
+) -> list[Resident]:
+    """The victims that free `deficit` at the least summed `price`, pruned to an irreducible
+    set; every candidate when nothing covers the deficit, as `_cover`.
+
+    A minimum-cost cover (a knapsack turned round) by its Pareto frontier: after each candidate,
+    the partial sets no other beats on both bytes freed (counted up to the deficit) and price.
+    Exact while the frontier stays within `_FRONTIER` sets; beyond that an even spread of them
+    is kept, the cheapest full cover among them always.
+    """
+    if sum(r.vram_bytes for r in candidates_coldest_first) < deficit:
+        return list(candidates_coldest_first)
+    frontier: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    for index, resident in enumerate(candidates_coldest_first):
+        cost = price(resident, now, config)
+        grown = [
+            (min(deficit, freed + resident.vram_bytes), paid + cost, (*chosen, index))
+            for freed, paid, chosen in frontier
+            if freed < deficit
+        ]
+        frontier = _pareto(frontier + grown)
+    # The full cover frees the most bytes of the frontier, so it comes last.
+    chosen = [candidates_coldest_first[i] for i in frontier[-1][2]]
+    return _cover(chosen, deficit)
+
+
+def _pareto(
+    sets: list[tuple[int, float, tuple[int, ...]]],
+) -> list[tuple[int, float, tuple[int, ...]]]:
+    """The sets no other frees as much for less, cheapest first (so freeing more down the
+    list); thinned to `_FRONTIER` evenly, the last kept."""
+    kept: list[tuple[int, float, tuple[int, ...]]] = []
+    for entry in sorted(sets, key=lambda e: (e[1], -e[0], len(e[2]), e[2])):
+        if not kept or entry[0] > kept[-1][0]:
+            kept.append(entry)
+    if len(kept) > _FRONTIER:
+        step = (len(kept) - 1) / (_FRONTIER - 1)
+        kept = [kept[round(i * step)] for i in range(_FRONTIER)]
+    return kept
+
+
+def _victims_for(
+    candidates_coldest_first: list[Resident], deficit: int, now: float, config: EvictionConfig
+) -> list[Resident]:
+    """The irreducible set of victims the policy picks to free `deficit`."""
+    if config.policy == "cost" and config.victim_order is None:
+        return _cheapest_cover(candidates_coldest_first, deficit, now, config)
+    return _cover(candidates_coldest_first, deficit)
+
+
 def _as_host_allows(
     residents: list[Resident], *, host_under_pressure: bool, host_available_bytes: int | None
 ) -> list[Resident]:
@@ -513,7 +582,7 @@ def plan_room(
         host_available_bytes=host_available_bytes,
     )
     candidates = coldest_first(displaceable, now, config)
-    victims = _cover(candidates, deficit)
+    victims = _victims_for(candidates, deficit, now, config)
     freed = sum(r.vram_bytes for r in victims)
     if freed < deficit:
         young = sum(
@@ -540,7 +609,8 @@ def plan_room(
         host_under_pressure=host_under_pressure,
         host_available_bytes=host_available_bytes,
     )
-    return RoomPlan(True, MAKE_ROOM, f"{need}: freeing {format_bytes(freed)}", actions)
+    cost = sum(price(r, now, config) for r in victims)
+    return RoomPlan(True, MAKE_ROOM, f"{need}: freeing {format_bytes(freed)}", actions, cost)
 
 
 def under_host_pressure(
@@ -635,7 +705,7 @@ def plan_vram_pressure(
         host_available_bytes=host_available_bytes,
     )
     candidates = coldest_first(freeing, now, config)
-    victims = _cover(candidates, excess)
+    victims = _victims_for(candidates, excess, now, config)
     freed = sum(r.vram_bytes for r in victims)
     message = f"{figures}: {format_bytes(excess)} over, freeing {format_bytes(freed)}"
     if freed < excess:
