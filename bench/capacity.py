@@ -38,7 +38,7 @@ from vram_operator.capacity.cluster import (
 from vram_operator.capacity.report import markdown, plot_results
 from vram_operator.capacity.simulator import OPERATOR, POLICY_NAMES, Result, Simulation
 from vram_operator.capacity.trace import Trace, Workload, generate
-from vram_operator.node_agent.eviction import EvictionConfig
+from vram_operator.policy.eviction import EvictionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Capacity"

@@ -17,13 +17,13 @@ from typing import Any
 from benchmarks_md import stamp, write_preamble
 
 from vram_operator.api import GPU, Assignment, Backend, GPUNode, ModelState, Priority
-from vram_operator.node_agent.eviction import EvictionConfig, Resident, plan_room
 from vram_operator.operator.placement import (
     NodeView,
     PlacementConfig,
     PlacementRequest,
     Reservations,
 )
+from vram_operator.policy.eviction import EvictionConfig, Resident, plan_room
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30

@@ -41,7 +41,8 @@ from vram_operator.capacity.trace import (
     read_trace,
     write_trace,
 )
-from vram_operator.node_agent.eviction import (
+from vram_operator.node_agent.main import build_parser
+from vram_operator.policy.eviction import (
     EvictionConfig,
     Resident,
     coldest_first,
@@ -50,7 +51,6 @@ from vram_operator.node_agent.eviction import (
     plan_room,
     price,
 )
-from vram_operator.node_agent.main import build_parser
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from vram_operator.api import (
     PSIFigures,
     ResidentModel,
 )
-from vram_operator.node_agent.eviction import (
+from vram_operator.policy.eviction import (
     FITS,
     HOST_MEMORY_PRESSURE,
     INSUFFICIENT_VRAM,

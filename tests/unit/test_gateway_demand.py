@@ -10,7 +10,7 @@ import pytest
 from vram_operator.api import Backend, ModelState
 from vram_operator.node_agent.backends.base import ResidentInfo
 from vram_operator.node_agent.demand import SCHEMA, DemandAwareBackend, GatewayDemand, merge
-from vram_operator.node_agent.eviction import DecayedRates
+from vram_operator.policy.eviction import DecayedRates
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from vram_operator.node_agent.eviction import EvictionConfig
+from vram_operator.policy.eviction import EvictionConfig
 
 from .cluster import ClusterSpec, DescriptionError, SimModel, catalog, load_cluster, load_models
 from .report import PlotsUnavailable, plot_results, plot_sweep, smallest, sweep, sweep_table, table

@@ -49,7 +49,16 @@ from typing import Literal
 from vram_operator.api import GPU, Assignment, Backend, ModelState, Priority, ResidentModel
 from vram_operator.api.budget import reserve_bytes
 from vram_operator.api.modeldeployment import VLLMOptions
-from vram_operator.node_agent.eviction import (
+from vram_operator.operator.placement import (
+    NodeView,
+    PlacementConfig,
+    PlacementDecision,
+    PlacementRequest,
+    Victim,
+    place,
+    plan_parking,
+)
+from vram_operator.policy.eviction import (
     POLICIES,
     RATE_HALF_LIFE_SECONDS,
     DecayedRates,
@@ -60,15 +69,6 @@ from vram_operator.node_agent.eviction import (
     is_evictable,
     last_used,
     plan_room,
-)
-from vram_operator.operator.placement import (
-    NodeView,
-    PlacementConfig,
-    PlacementDecision,
-    PlacementRequest,
-    Victim,
-    place,
-    plan_parking,
 )
 
 from .cluster import ClusterSpec, SimModel

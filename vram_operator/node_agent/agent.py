@@ -36,16 +36,16 @@ from vram_operator.api import (
     set_condition,
 )
 from vram_operator.api.budget import footprint_bytes
-
-from .backends import BackendError, LoadRequest, ModelBackend, backend_args
-from .backends.ollama_names import same_model as same_ollama_model
-from .eviction import (
+from vram_operator.policy.eviction import (
     EvictionConfig,
     Resident,
     plan_host_pressure,
     plan_vram_pressure,
     under_host_pressure,
 )
+
+from .backends import BackendError, LoadRequest, ModelBackend, backend_args
+from .backends.ollama_names import same_model as same_ollama_model
 from .metrics import AgentMetrics
 from .monitors import GPUReading, GPUSource, HostMonitor, HostReading
 from .registry import ON_GPU, Entry, Registry

@@ -33,11 +33,11 @@ import aiohttp
 
 from vram_operator.api import Backend, BackendHealth
 from vram_operator.api.demand import DEMAND_SCHEMA
+from vram_operator.policy.eviction import DecayedRates
 
 from .backends.base import LoadRequest, ModelBackend, ProgressCallback, ResidentInfo
 from .backends.ollama_names import normalize_model_name
 from .estimate import Estimate
-from .eviction import DecayedRates
 
 log = logging.getLogger(__name__)
 

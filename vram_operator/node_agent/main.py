@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from vram_operator.api import Backend, parse_bytes
 from vram_operator.kubeconfig import api_client
 from vram_operator.metrics_server import add_metrics_arguments, serve_metrics
+from vram_operator.policy.eviction import POLICIES, EvictionConfig
 
 from .agent import AgentConfig, NodeAgent
 from .backends import DiffusersBackend, ModelBackend, OllamaBackend, VLLMBackend
 from .demand import DemandAwareBackend, GatewayDemand
-from .eviction import POLICIES, EvictionConfig
 from .metrics import AgentMetrics
 from .monitors import GPUSource, HostMonitor, detect_gpu_source
 from .storage import GPUNodeStore

@@ -47,6 +47,7 @@ from vram_operator.api import (
 )
 from vram_operator.api.budget import footprint_bytes
 from vram_operator.api.modeldeployment import Toleration
+from vram_operator.policy.eviction import GIB, cheapest_cover
 
 
 class PendingReason(StrEnum):
@@ -463,6 +464,8 @@ class _Option(NamedTuple):
     budget: GPUBudget
     left: int
     victims: tuple[str, ...]
+    price: float = 0.0
+    """The victims' summed swap-out price, where prices were given."""
 
 
 def _displaceable(
@@ -472,6 +475,7 @@ def _displaceable(
     now: dt.datetime | None = None,
     min_residency: float = 0.0,
     earlier: Mapping[str, dt.datetime] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> list[tuple[str, Hold]]:
     """Holds the request may displace, least first; never critical.
 
@@ -483,7 +487,8 @@ def _displaceable(
     one asked for again and again, however recent that one request), then the coldest (least
     recently used) first. Waiting requests never take from a high or critical model what its
     priority gives it: demanded, it may still displace any strictly lower priority, settled
-    or not.
+    or not. With `prices` (the `cost` swap order) the settled ones go cheapest per byte first
+    instead: priority weighs in the price.
     """
     if request.demanded and now is not None:
         used = recency or {}
@@ -501,6 +506,14 @@ def _displaceable(
                 or (preempts and hold.priority.rank < request.priority.rank)
             )
         ]
+        if prices is not None:
+            return sorted(
+                cold,
+                key=lambda item: (
+                    prices.get(item[0], 0.0) * GIB / max(item[1].vram_bytes, 1),
+                    item[0],
+                ),
+            )
         epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
         before = earlier or {}
         return sorted(
@@ -526,14 +539,25 @@ def _displaceable(
 
 
 def _victims(
-    free: int, candidates: list[tuple[str, Hold]], need: int
+    free: int,
+    candidates: list[tuple[str, Hold]],
+    need: int,
+    prices: Mapping[str, float] | None = None,
 ) -> tuple[tuple[str, ...], int] | None:
     """The candidates to displace so `need` fits in `free`, and the VRAM left after.
 
-    Candidates are taken in order until the request fits; then, most important first, any victim
-    that turns out not to be needed is spared, so no victim could be left in place. None when
-    displacing every candidate would not make room.
+    Candidates are taken in order until the request fits (with `prices`: the set that makes
+    room at the least summed price, `eviction.cheapest_cover`, the agents' `cost` rule); then,
+    most important first, any victim that turns out not to be needed is spared, so no victim
+    could be left in place. None when displacing every candidate would not make room.
     """
+    if prices is not None and free < need:
+        chosen = cheapest_cover(
+            [hold.vram_bytes for _, hold in candidates],
+            [prices.get(key, 0.0) for key, _ in candidates],
+            need - free,
+        )
+        candidates = [candidates[i] for i in chosen]
     taken: list[tuple[str, int]] = []
     for key, hold in candidates:
         if free >= need:
@@ -585,10 +609,12 @@ def _strategy_key(option: _Option, config: PlacementConfig) -> tuple[int, str, i
 
 def _displacement_cost(
     option: _Option, config: PlacementConfig
-) -> tuple[int, int, int, tuple[int, str, int]]:
-    """Least important victims first, then fewest, then fewest bytes, then the strategy."""
+) -> tuple[float, int, int, int, tuple[int, str, int]]:
+    """The cheapest victims first where they were priced, then the least important, then the
+    fewest, then the fewest bytes, then the strategy."""
     holds = option.budget.holds
     return (
+        option.price,
         max(holds[k].priority.rank for k in option.victims),
         len(option.victims),
         sum(holds[k].vram_bytes for k in option.victims),
@@ -605,6 +631,7 @@ def _pick(
     now: dt.datetime,
     recency: Mapping[str, dt.datetime] | None = None,
     earlier: Mapping[str, dt.datetime] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> _Option | _Tally:
     """The best GPU for one more replica on a node not in `taken`, or why there is none."""
     tally = _Tally()
@@ -635,14 +662,16 @@ def _pick(
             tally.largest_free = max(tally.largest_free, free)
             if not may_preempt:
                 continue
+            priced = prices if request.demanded else None
             candidates = _displaceable(
-                budget, request, recency, now, config.min_residency_seconds, earlier
+                budget, request, recency, now, config.min_residency_seconds, earlier, priced
             )
             reclaimable = free + sum(hold.vram_bytes for _, hold in candidates)
             tally.largest_reclaimable = max(tally.largest_reclaimable, reclaimable)
-            found = _victims(free, candidates, need)
+            found = _victims(free, candidates, need, priced)
             if found is not None:
-                displacing.append(_Option(budget, found[1], found[0]))
+                cost = sum(priced.get(key, 0.0) for key in found[0]) if priced else 0.0
+                displacing.append(_Option(budget, found[1], found[0], cost))
     if fits:
         return min(fits, key=lambda option: _strategy_key(option, config))
     if displacing:
@@ -664,6 +693,7 @@ def place(
     reserved: Mapping[str, Mapping[str, Hold]] | None = None,
     recency: Mapping[str, dt.datetime] | None = None,
     earlier: Mapping[str, dt.datetime] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> PlacementDecision:
     """Decide which replicas to keep, add and withdraw.
 
@@ -679,7 +709,9 @@ def place(
     A `demanded` request (requests wait for it) may also displace settled models of its own
     priority, the coldest by `recency` (key to last use) first, a model asked for once before one
     asked for again (`earlier`: key to the request before the last): demand-aware placement when
-    full.
+    full. Given `prices` (key to what swapping it out costs, `eviction.price`: the `cost` swap
+    order), a demanded request displaces instead the settled models whose summed price is
+    least, on the GPU where that sum is least: the agents' `cost` rule.
     A replica parked in host RAM (`request.parked`) is woken on the GPU it sleeps on, where
     that GPU has room (or is given room by those rules), before any other replica is placed;
     parked replicas left over once every replica is placed are withdrawn.
@@ -719,8 +751,12 @@ def place(
     taken = set(keep)
     tally: _Tally | None = None
     for _ in range(request.replicas - len(keep)):
-        waking = _wake(request, by_name, budgets, parked, taken, config, now, recency, earlier)
-        pick = waking or _pick(request, views, budgets, taken, config, now, recency, earlier)
+        waking = _wake(
+            request, by_name, budgets, parked, taken, config, now, recency, earlier, prices
+        )
+        pick = waking or _pick(
+            request, views, budgets, taken, config, now, recency, earlier, prices
+        )
         if isinstance(pick, _Tally):
             tally = pick
             break
@@ -765,6 +801,7 @@ def _wake(
     now: dt.datetime,
     recency: Mapping[str, dt.datetime] | None,
     earlier: Mapping[str, dt.datetime] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> _Option | None:
     """A parked replica to wake, on the GPU it sleeps on, where that GPU has room (or, for a
     demanded request, can be given room by the same rule as a new replica); None if none."""
@@ -772,7 +809,7 @@ def _wake(
         if name in taken:
             continue
         own = {name: tuple(b for b in budgets[name] if b.gpu.uuid == parked[name])}
-        pick = _pick(request, [by_name[name]], own, taken, config, now, recency, earlier)
+        pick = _pick(request, [by_name[name]], own, taken, config, now, recency, earlier, prices)
         if isinstance(pick, _Option):
             return pick
     return None
@@ -861,6 +898,7 @@ class Reservations:
         now: dt.datetime,
         recency: Mapping[str, dt.datetime] | None = None,
         earlier: Mapping[str, dt.datetime] | None = None,
+        prices: Mapping[str, float] | None = None,
     ) -> PlacementDecision:
         """`place` against the ledger, and record its outcome, as one atomic step."""
         nodes = list(nodes)
@@ -874,6 +912,7 @@ class Reservations:
                 reserved=self._ledger,
                 recency=recency,
                 earlier=earlier,
+                prices=prices,
             )
             for victim in decision.preempted:
                 self._release(victim.key, victim.node)

@@ -42,7 +42,7 @@ victims' and the cheapest plan wins: one 20 GiB model asked for now and then goe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, get_args
@@ -464,34 +464,44 @@ def _cover(candidates_coldest_first: list[Resident], deficit: int) -> list[Resid
 
 
 _FRONTIER = 128
-"""The most partial sets `_cheapest_cover` carries from one candidate to the next."""
+"""The most partial sets `cheapest_cover` carries from one item to the next."""
 
 
-def _cheapest_cover(
-    candidates_coldest_first: list[Resident], deficit: int, now: float, config: EvictionConfig
-) -> list[Resident]:
-    """The victims that free `deficit` at the least summed `price`, pruned to an irreducible
-    set; every candidate when nothing covers the deficit, as `_cover`.
+def cheapest_cover(sizes: Sequence[int], prices: Sequence[float], deficit: int) -> list[int]:
+    """The indexes of the items that free `deficit` bytes at the least summed price, in index
+    order; every index when even all of them fall short. Shared by the agents' `cost` plans and
+    the operator's swap-out for waiting requests, so both pick the same victims.
 
-    A minimum-cost cover (a knapsack turned round) by its Pareto frontier: after each candidate,
+    A minimum-cost cover (a knapsack turned round) by its Pareto frontier: after each item,
     the partial sets no other beats on both bytes freed (counted up to the deficit) and price.
     Exact while the frontier stays within `_FRONTIER` sets; beyond that an even spread of them
     is kept, the cheapest full cover among them always.
     """
-    if sum(r.vram_bytes for r in candidates_coldest_first) < deficit:
-        return list(candidates_coldest_first)
+    if sum(sizes) < deficit:
+        return list(range(len(sizes)))
     frontier: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
-    for index, resident in enumerate(candidates_coldest_first):
-        cost = price(resident, now, config)
+    for index, (size, cost) in enumerate(zip(sizes, prices, strict=True)):
         grown = [
-            (min(deficit, freed + resident.vram_bytes), paid + cost, (*chosen, index))
+            (min(deficit, freed + size), paid + cost, (*chosen, index))
             for freed, paid, chosen in frontier
             if freed < deficit
         ]
         frontier = _pareto(frontier + grown)
     # The full cover frees the most bytes of the frontier, so it comes last.
-    chosen = [candidates_coldest_first[i] for i in frontier[-1][2]]
-    return _cover(chosen, deficit)
+    return list(frontier[-1][2])
+
+
+def _cheapest_cover(
+    candidates_coldest_first: list[Resident], deficit: int, now: float, config: EvictionConfig
+) -> list[Resident]:
+    """`cheapest_cover` over residents priced by `price`, pruned to an irreducible set (a
+    victim priced at nothing could be spare)."""
+    chosen = cheapest_cover(
+        [r.vram_bytes for r in candidates_coldest_first],
+        [price(r, now, config) for r in candidates_coldest_first],
+        deficit,
+    )
+    return _cover([candidates_coldest_first[i] for i in chosen], deficit)
 
 
 def _pareto(
