@@ -4,6 +4,7 @@ back, a swap-out for a model requests wait for, and a model idle past keepAlive 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Literal
 
 import pytest
 from test_operator_service import GI, T0, Clock, MemoryStore, condition, drain
@@ -19,9 +20,11 @@ from vram_operator.simulation.cluster import TRUSTED_POLICY
 pytestmark = pytest.mark.unit
 
 
-async def demand_service(store: MemoryStore, clock: Clock) -> OperatorService:
+async def demand_service(
+    store: MemoryStore, clock: Clock, swap_order: Literal["cost", "lru2"] = "cost"
+) -> OperatorService:
     placement = PlacementConfig(heartbeat_grace_seconds=1e9, min_residency_seconds=30)
-    config = OperatorConfig(placement=placement, gpu_reserve_bytes=0)
+    config = OperatorConfig(placement=placement, gpu_reserve_bytes=0, swap_order=swap_order)
     reader = DemandReader("http://gateway.invalid:8080")  # never read: figures are handed in
     svc = OperatorService(store, config, OperatorMetrics(), clock=clock, demand=reader)
     await svc.start()

@@ -109,7 +109,9 @@ def trace(*requests: tuple[float, str]) -> Trace:
 #   oracle-lfu: true rates alone: at 30 s a and b tie at 2/40, b idle longer goes; at 40 s
 #     c (1/40) goes for b: 16 s.
 #   offline: a is never asked for again: a goes: 12 s.
-#   operator: place, as demanded, displaces the lowest priority first: a goes: 12 s.
+#   operator: place, as demanded, with the cost swap order: the same prices as cost (the load
+#     time the agent reports is the 4 s each), so the same victims: 16 s.
+#   operator-lru2: place, as demanded, displaces the lowest priority first: a goes: 12 s.
 TINY_MODELS = [
     ollama("a", 4, Priority.LOW, keep=600),
     ollama("b", 4, keep=3600),
@@ -129,7 +131,8 @@ TINY_TRACE = trace((0, "a"), (5, "b"), (20, "a"), (30, "c"), (40, "b"))
         ("oracle-rate", 3, 2),
         ("oracle-lfu", 4, 1),
         ("offline", 3, 2),
-        ("operator", 3, 2),
+        ("operator", 4, 1),
+        ("operator-lru2", 3, 2),
     ],
 )
 def test_each_policy_on_a_tiny_trace(policy: str, loads: int, warm: int) -> None:
@@ -156,13 +159,18 @@ def test_a_young_model_makes_the_next_request_wait_until_it_may_go() -> None:
     assert max(result.latencies) == pytest.approx(64 - 30 + 4)
 
 
-def test_with_demand_figures_a_model_that_served_its_requests_may_go_at_once() -> None:
-    # The same, read by agents that see the gateways' demand: a served its requests (at 4 s
-    # and 20 s, 5 s each), so c at 30 s displaces it then.
+@pytest.mark.parametrize(("policy", "loads"), [("offline", 3), ("operator", 4)])
+def test_with_demand_figures_a_model_that_served_its_requests_may_go_at_once(
+    policy: str, loads: int
+) -> None:
+    # The same, read by agents (or the operator's cost swap order) that see the gateways'
+    # demand: a and b served their requests (a at 4 s and 20 s, b at 9 s, 5 s each), so c at
+    # 30 s displaces one of them then, and nothing waits longer than its own load. (offline
+    # evicts a, never asked for again; the operator's cost order b, then a for b at 40 s.)
     served = cluster(10, min_residency=60, request_seconds=5)
-    result = Simulation(served, TINY_MODELS, TINY_TRACE, "offline").run()
-    assert result.cold_starts == 3
-    assert result.latencies == [pytest.approx(4.0)] * 3
+    result = Simulation(served, TINY_MODELS, TINY_TRACE, policy).run()
+    assert result.cold_starts == loads
+    assert result.latencies == [pytest.approx(4.0)] * loads
 
 
 def test_a_model_with_a_request_running_stays_until_it_ends() -> None:
@@ -202,7 +210,7 @@ def test_the_operator_swaps_out_the_model_asked_for_once_before_one_asked_for_ag
     models = [ollama("x", 4), ollama("y", 4), ollama("z", 4)]
     requests = trace((0, "x"), (10, "x"), (20, "y"), (30, "z"), (40, "x"))
     lru = Simulation(cluster(10), models, requests, "lru", record_events=True).run()
-    operator = Simulation(cluster(10), models, requests, "operator", record_events=True).run()
+    operator = Simulation(cluster(10), models, requests, "operator-lru2", record_events=True).run()
     assert [(e.time, e.key) for e in lru.events if e.kind == "unload"] == [
         (30, "default.x"),
         (40, "default.y"),
@@ -234,7 +242,7 @@ def test_the_operator_waits_until_a_model_was_last_used_the_minimum_residency_ag
     # 5 s, loaded at 9 s) at 69 s: z at 30 s waits for y, 39 s plus its 4 s load.
     models = [ollama("x", 4), ollama("y", 4), ollama("z", 4)]
     requests = trace((0, "x"), (5, "y"), (25, "x"), (30, "z"))
-    result = Simulation(cluster(10, min_residency=60), models, requests, "operator").run()
+    result = Simulation(cluster(10, min_residency=60), models, requests, "operator-lru2").run()
     assert result.latencies[-1] == pytest.approx(69 - 30 + 4)
 
 
@@ -442,7 +450,7 @@ def test_the_quick_room_test_agrees_with_the_agents_eviction_rule(
     end = requests.times[-1]
     for now in (end + m for m in moments):
         for copy in (c for copies in sim.on_gpu.values() for c in copies.values()):
-            if policy == "operator" or sim.models[copy.model].priority is Priority.CRITICAL:
+            if policy == "operator-lru2" or sim.models[copy.model].priority is Priority.CRITICAL:
                 continue
             resident = sim._resident(copy, now, weighed=False)
             assert (copy.free_at <= now) is is_evictable(resident, EPOCH + now, sim.config)

@@ -17,9 +17,9 @@ For every request, in time order:
   placed with the operator's priority preemption. If nothing works the request waits, as the
   gateway holds it, and is tried again whenever room may have appeared (a load ends, a model
   passes the minimum residency); after `max_wait` seconds it is given up (unserved).
-- under the `operator` policy the operator alone decides, as in a cluster whose gateway
+- under the `operator` policies the operator alone decides, as in a cluster whose gateway
   reports demand: `place` with the request `demanded` picks the GPU and the models to swap out
-  (see OPERATOR), for a cold load and for waking a parked model alike.
+  (see OPERATOR, OPERATOR_LRU2), for a cold load and for waking a parked model alike.
 
 The GPU memory accounting is `NodeView.budgets` (the operator's: footprints with vLLM's
 rounding, the agents' reserve), so what the simulator holds is what the operator would
@@ -54,9 +54,12 @@ from vram_operator.operator.placement import (
     PlacementConfig,
     PlacementDecision,
     PlacementRequest,
+    ReplicaDemand,
+    SwapCosts,
     Victim,
     place,
     plan_parking,
+    replica_figures,
 )
 from vram_operator.policy.eviction import (
     POLICIES,
@@ -87,13 +90,21 @@ popularity that is the classic best online order (A0) for equal sizes."""
 
 OPERATOR = "operator"
 """What the operator does when requests wait at a gateway for a model that fits nowhere (the
-gateway's demand): `place` with the request `demanded`, which displaces settled models of its
-priority or lower (last used at least the minimum residency ago), lowest priority first, then
-the one asked for least recently before its last request (LRU-2), then the least recently
-used; `plan_parking` parks a victim in host RAM when it can sleep and the RAM takes it. A
-parked model is woken by `place` too. The agents' eviction policy plays no part in it."""
+gateway's demand), with its default `--swap-order cost`: `place` with the request `demanded`
+and each replica's `swap_price` (from the decayed request rate and its load time, as the
+operator reads them), which displaces, among the settled models of its priority or lower
+(last used at least the minimum residency ago), the set whose summed price is least, on the
+GPU where that is least; `plan_parking` parks a victim in host RAM when it can sleep and the
+RAM takes it. A parked model is woken by `place` too. The agents' eviction policy plays no
+part in it."""
 
-POLICY_NAMES: tuple[str, ...] = (*POLICIES, OPERATOR, *BASELINES)
+OPERATOR_LRU2 = "operator-lru2"
+"""The same with `--swap-order lru2`: lowest priority first, then the one asked for least
+recently before its last request (LRU-2), then the least recently used."""
+
+OPERATORS = (OPERATOR, OPERATOR_LRU2)
+
+POLICY_NAMES: tuple[str, ...] = (*POLICIES, *OPERATORS, *BASELINES)
 
 EPOCH = 1_700_000_000.0
 """Trace time 0 in epoch seconds, for the placement's heartbeat check."""
@@ -207,6 +218,8 @@ class Simulation:
         self.models = list(models)
         self.trace = trace
         self.policy = policy
+        self.operator = policy in OPERATORS
+        """Whether the operator alone decides swap-outs (`OPERATORS`)."""
         self.record_events = record_events
         self.max_wait = max_wait
         self.pending: dict[int, list[float]] = {}
@@ -234,17 +247,20 @@ class Simulation:
         self.next_time = self._next_times() if policy == "offline" else []
         self.config = self._config(policy)
         self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
+        self._pricing = EvictionConfig(min_residency_seconds=cluster.min_residency_seconds)
+        """The operator's pricing and minimum residency under `operator` (`OperatorConfig`)."""
         self.swapping = PlacementConfig(
             strategy=cluster.strategy,  # type: ignore[arg-type]
             min_residency_seconds=cluster.min_residency_seconds,
         )
-        """The operator's placement under the `operator` policy: preemption and demand swaps,
+        """The operator's placement under the `operator` policies: preemption and demand swaps,
         settled after the same minimum residency as every other policy here."""
         self._previous_request: dict[int, float] = {}
         self._earlier: dict[str, dt.datetime] = {}
         """The request before the last, by key (the operator's LRU-2 figure)."""
         self._recency: dict[str, dt.datetime] = {}
-        """Under `operator`, each copy's last use or load, whichever is later, by key."""
+        """Under the `operator` policies, each copy's last use or load, whichever is later, by
+        key (the LRU-2 order reads it)."""
         self.preempting = PlacementConfig(strategy=cluster.strategy, allow_preemption=True)  # type: ignore[arg-type]
         reserve = reserve_bytes(cluster.min_free_bytes)
         self.gpus = [
@@ -312,7 +328,7 @@ class Simulation:
             )
         if policy == "oracle-rate":
             return EvictionConfig(policy="cost", min_residency_seconds=minimum)
-        if policy == OPERATOR:  # never asked: the operator's swap-out does not use it
+        if policy in OPERATORS:  # never asked: the operator's swap-out does not use it
             return EvictionConfig(policy="lru", min_residency_seconds=minimum)
         if policy == "oracle-lfu" and self.true_rate is not None:
             index, rate = self.index, self.true_rate
@@ -583,7 +599,7 @@ class Simulation:
             self._residents.pop(model, None)
             self._unweighed.pop(model, None)
             copy = self.where.get(model)
-            if self.policy == OPERATOR:
+            if self.operator:
                 self._used(model, copy, now)
             runs = self.durations[i] if self.durations else self.cluster.request_seconds
             if copy is not None and copy.state is not ModelState.SLEEPING:
@@ -619,7 +635,7 @@ class Simulation:
 
     def _bring(self, model: int, now: float) -> bool:
         """Wake or load `model` at `now`; False when no room can be made for it."""
-        if self.policy == OPERATOR:
+        if self.operator:
             return self._swap_in(model, now)
         copy = self.where.get(model)
         return (copy is not None and self._wake(copy, now)) or self._cold(model, now)
@@ -630,7 +646,7 @@ class Simulation:
         model = copy.model
         self.busy_end[model] = max(self.busy_end[model], start + seconds)
         copy.served_from = min(copy.served_from, start)
-        if self.cluster.gateway_demand and self.policy != OPERATOR:
+        if self.cluster.gateway_demand and self.policy != OPERATOR_LRU2:
             self._residents.pop(model, None)
             self._unweighed.pop(model, None)
             self._settle(copy, now)
@@ -649,7 +665,7 @@ class Simulation:
     def _evictable_at(self, copy: _Copy) -> float:
         """When `copy` stops being young (`eviction.is_young`), by what is known now."""
         minimum = self.cluster.min_residency_seconds
-        if self.policy == OPERATOR:
+        if self.policy == OPERATOR_LRU2:
             return self._settled_from(copy) + minimum
         fixed = copy.loaded_at + minimum
         if not self.cluster.gateway_demand:
@@ -678,7 +694,7 @@ class Simulation:
             self._settle(copy, now)
 
     def _settled_from(self, copy: _Copy) -> float:
-        """When the operator's minimum residency of a copy starts (`OPERATOR`): at its last use
+        """When the operator's minimum residency of a copy starts (`OPERATOR_LRU2`): at its last use
         or its load, whichever is later."""
         return max(copy.loaded_at, self.last_access[copy.model])
 
@@ -689,7 +705,8 @@ class Simulation:
         Kept until the GPU's models change (`_occupy`, `_leave_gpu`) or one of them stops being
         young, the moments `_next_change` also counts on, or a request changes when one does
         (`_settle`). A model may go once past its `free_at`: placement's rule for a demanded
-        request under `operator`, `eviction.is_evictable` otherwise (a unit test holds the two
+        request under `operator-lru2`, `eviction.is_evictable` otherwise, which the `operator`
+        policy's cost order also follows (`SwapCosts.young`; a unit test holds the two
         to the same answer).
         """
         known = self._reclaim.get(gpu)
@@ -752,7 +769,7 @@ class Simulation:
                 self.pending[model] = live
                 # A parked model wakes by the agents' plan on its own GPU, which the quick test
                 # does not see; the operator wakes it by placement, which the test does.
-                parked = model in self.where and self.policy != OPERATOR
+                parked = model in self.where and not self.operator
                 if not parked and not self._may_fit(model, now, most):
                     continue
                 if self._bring(model, now):
@@ -800,7 +817,7 @@ class Simulation:
         )
         copy.free_at = self._evictable_at(copy)
         self._occupy(copy, now, kind)
-        if self.policy == OPERATOR:
+        if self.operator:
             self._recency[self.models[model].key] = self._now(self._settled_from(copy))
         self.result.cold_load_seconds += seconds
 
@@ -844,7 +861,7 @@ class Simulation:
         return True
 
     def _swap_in(self, model: int, now: float) -> bool:
-        """The `operator` policy: `place` the model as demanded (waking it where it is parked),
+        """The `operator` policies: `place` the model as demanded (waking it where it is parked),
         swap out what it chose, parking what `plan_parking` parks; False when it placed nothing."""
         spec = self.models[model]
         copy = self.where.get(model)
@@ -860,6 +877,7 @@ class Simulation:
             self._now(now),
             recency=self._recency,
             earlier=self._earlier,
+            costs=self._swap_costs(now) if self.policy == OPERATOR else None,
         )
         if not decision.chosen:
             return False
@@ -880,6 +898,40 @@ class Simulation:
             seconds, kind = self.cluster.load_seconds(node, spec), "load"
         self._load(model, gpu, now, seconds=seconds, kind=kind)
         return True
+
+    def _swap_costs(self, now: float) -> SwapCosts:
+        """Each replica on a GPU as the operator's `cost` swap order sees it
+        (`replica_figures`): its assignment, its agent's report (the load time it took) and the
+        gateways' figures (decayed rate, requests running or waiting, served since its load)."""
+        moment = self._now(now)
+        prices, young = {}, set()
+        for copies in self.on_gpu.values():
+            for c in copies.values():
+                spec = self.models[c.model]
+                report = ResidentModel.model_construct(
+                    key=spec.key,
+                    model=spec.ref,
+                    backend=spec.backend,
+                    gpu_uuid=c.gpu,
+                    state=ModelState.LOADED if c.ready_at <= now else ModelState.LOADING,
+                    vram_bytes=c.hold,
+                    loaded_at=self._now(c.loaded_at),
+                    last_access=self._now(self.last_access[c.model]),
+                    load_seconds=self.cluster.load_seconds(self.cluster.nodes[c.node], spec),
+                )
+                rate = self.demand.rate(c.model, now) or None
+                demand = (
+                    ReplicaDemand(rate, int(now < self.busy_end[c.model]), c.served_from <= now)
+                    if self.cluster.gateway_demand
+                    else ReplicaDemand(rate)
+                )
+                assignment = self._assignment(c.model, c.gpu)
+                prices[spec.key], is_young = replica_figures(
+                    spec.key, assignment, report, demand, moment, self._pricing
+                )
+                if is_young:
+                    young.add(spec.key)
+        return SwapCosts(prices, frozenset(young))
 
     def _parking_views(self, victims: Sequence[Victim], now: float) -> list[NodeView]:
         """The victims' nodes as `plan_parking` reads them, with each victim's reported state

@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a model used that recently is never swapped out for another's demand",
     )
     parser.add_argument(
+        "--swap-order",
+        choices=("cost", "lru2"),
+        default=OperatorConfig.swap_order,
+        help="what a model requests wait for swaps out (with --gateway-demand-url): cost, the "
+        "settled models whose eviction costs least in loads to come (the agents' default "
+        "eviction rule), or lru2, lowest priority first, then asked for least recently before "
+        "the last request",
+    )
+    parser.add_argument(
         "--gpu-node-selector",
         type=label_selector,
         default=None,
@@ -143,6 +152,7 @@ async def _run(args: argparse.Namespace) -> int:
             workers=max(1, args.workers),
             demand_interval=args.demand_interval,
             gpu_node_selector=args.gpu_node_selector,
+            swap_order=args.swap_order,
         )
         demand = DemandReader(args.gateway_demand_url) if args.gateway_demand_url else None
         store = ClusterStore(client)

@@ -47,7 +47,14 @@ from vram_operator.api import (
 )
 from vram_operator.api.budget import footprint_bytes
 from vram_operator.api.modeldeployment import Toleration
-from vram_operator.policy.eviction import GIB, cheapest_cover
+from vram_operator.policy.eviction import (
+    GIB,
+    EvictionConfig,
+    Resident,
+    cheapest_cover,
+    is_young,
+    price,
+)
 
 
 class PendingReason(StrEnum):
@@ -270,6 +277,73 @@ def host_bytes(assignment: Assignment, report: ResidentModel | None) -> int:
     return max(measured, assignment.vram_bytes or 0)
 
 
+@dataclass(frozen=True)
+class SwapCosts:
+    """The `cost` swap order's figures for a demanded request (`place`)."""
+
+    prices: Mapping[str, float]
+    """Assignment key to what swapping it out costs (`replica_figures`); a key left out costs
+    nothing."""
+    young: frozenset[str] = frozenset()
+    """Keys not to swap out: requests run on them or wait for them, or they have served none
+    since their load and are within the minimum residency (`eviction.is_young`)."""
+
+
+class ReplicaDemand(NamedTuple):
+    """The gateways' figures for one model, as `replica_figures` reads them."""
+
+    rate: float | None = None
+    """Requests per second lately (`eviction.DecayedRates`); None where no gateway counted."""
+    in_use: int | None = None
+    """Requests running on it or waiting for it; None without gateway figures."""
+    served: bool = False
+    """Requests have run on it since its load."""
+    last_request: dt.datetime | None = None
+
+
+def replica_figures(
+    key: str,
+    assignment: Assignment,
+    report: ResidentModel | None,
+    demand: ReplicaDemand,
+    now: dt.datetime,
+    config: EvictionConfig,
+) -> tuple[float, bool]:
+    """One replica as the `cost` swap order sees it: its `eviction.price` and whether it is
+    young (`eviction.is_young`, under `config`'s minimum residency), from its assignment, its
+    agent's report (priority, size, sleep mode, the measured load time) and the gateways'
+    figures. Without a rate its recency stands in, and without the figures the minimum
+    residency runs from its load, as for an agent without demand figures. Unknown times read
+    as `Resident.from_status` reads them: a model reported with no load time loaded long ago.
+    """
+    if report is None:
+        loaded, state, reload, measured = now.timestamp(), ModelState.PENDING, None, 0
+    else:
+        loaded = report.loaded_at.timestamp() if report.loaded_at else 0.0
+        state, reload, measured = report.state, report.load_seconds, report.vram_bytes or 0
+    used = [loaded]
+    if report is not None and report.last_access is not None:
+        used.append(report.last_access.timestamp())
+    if demand.last_request is not None:
+        used.append(demand.last_request.timestamp())
+    model = Resident(
+        key=key,
+        priority=assignment.priority,
+        vram_bytes=max(measured, assignment.vram_bytes or 0),
+        state=state,
+        loaded_at=loaded,
+        last_access=max(used),
+        can_park=assignment.sleeps,
+        reload_seconds=reload,
+        request_rate=demand.rate,
+        in_use=demand.in_use,
+        served=demand.served,
+    )
+    stamp = now.timestamp()
+    settling = state not in (ModelState.LOADED, ModelState.SLEEPING)
+    return price(model, stamp, config), settling or is_young(model, stamp, config)
+
+
 def plan_parking(victims: Iterable[Victim], nodes: Iterable[NodeView]) -> frozenset[Victim]:
     """The victims of a swap-out for demand to park in host RAM rather than unload.
 
@@ -475,7 +549,7 @@ def _displaceable(
     now: dt.datetime | None = None,
     min_residency: float = 0.0,
     earlier: Mapping[str, dt.datetime] | None = None,
-    prices: Mapping[str, float] | None = None,
+    costs: SwapCosts | None = None,
 ) -> list[tuple[str, Hold]]:
     """Holds the request may displace, least first; never critical.
 
@@ -487,26 +561,30 @@ def _displaceable(
     one asked for again and again, however recent that one request), then the coldest (least
     recently used) first. Waiting requests never take from a high or critical model what its
     priority gives it: demanded, it may still displace any strictly lower priority, settled
-    or not. With `prices` (the `cost` swap order) the settled ones go cheapest per byte first
-    instead: priority weighs in the price.
+    or not. With `costs` (the `cost` swap order) a model is settled unless `costs.young` names
+    it (the agents' rule, `eviction.is_young`), and the settled ones go cheapest per byte first:
+    priority weighs in the price.
     """
     if request.demanded and now is not None:
         used = recency or {}
         settled_before = now - dt.timedelta(seconds=min_residency)
         preempts = request.priority.rank >= Priority.HIGH.rank
+
+        def settled(key: str) -> bool:
+            if costs is not None:
+                return key not in costs.young
+            return key not in used or used[key] <= settled_before
+
         cold = [
             (key, hold)
             for key, hold in budget.holds.items()
             if key != request.key
             and hold.priority.evictable
             and hold.priority.rank <= request.priority.rank
-            and (
-                key not in used
-                or used[key] <= settled_before
-                or (preempts and hold.priority.rank < request.priority.rank)
-            )
+            and (settled(key) or (preempts and hold.priority.rank < request.priority.rank))
         ]
-        if prices is not None:
+        if costs is not None:
+            prices = costs.prices
             return sorted(
                 cold,
                 key=lambda item: (
@@ -542,19 +620,19 @@ def _victims(
     free: int,
     candidates: list[tuple[str, Hold]],
     need: int,
-    prices: Mapping[str, float] | None = None,
+    costs: SwapCosts | None = None,
 ) -> tuple[tuple[str, ...], int] | None:
     """The candidates to displace so `need` fits in `free`, and the VRAM left after.
 
-    Candidates are taken in order until the request fits (with `prices`: the set that makes
+    Candidates are taken in order until the request fits (with `costs`: the set that makes
     room at the least summed price, `eviction.cheapest_cover`, the agents' `cost` rule); then,
     most important first, any victim that turns out not to be needed is spared, so no victim
     could be left in place. None when displacing every candidate would not make room.
     """
-    if prices is not None and free < need:
+    if costs is not None and free < need:
         chosen = cheapest_cover(
             [hold.vram_bytes for _, hold in candidates],
-            [prices.get(key, 0.0) for key, _ in candidates],
+            [costs.prices.get(key, 0.0) for key, _ in candidates],
             need - free,
         )
         candidates = [candidates[i] for i in chosen]
@@ -631,7 +709,7 @@ def _pick(
     now: dt.datetime,
     recency: Mapping[str, dt.datetime] | None = None,
     earlier: Mapping[str, dt.datetime] | None = None,
-    prices: Mapping[str, float] | None = None,
+    costs: SwapCosts | None = None,
 ) -> _Option | _Tally:
     """The best GPU for one more replica on a node not in `taken`, or why there is none."""
     tally = _Tally()
@@ -662,7 +740,7 @@ def _pick(
             tally.largest_free = max(tally.largest_free, free)
             if not may_preempt:
                 continue
-            priced = prices if request.demanded else None
+            priced = costs if request.demanded else None
             candidates = _displaceable(
                 budget, request, recency, now, config.min_residency_seconds, earlier, priced
             )
@@ -670,7 +748,7 @@ def _pick(
             tally.largest_reclaimable = max(tally.largest_reclaimable, reclaimable)
             found = _victims(free, candidates, need, priced)
             if found is not None:
-                cost = sum(priced.get(key, 0.0) for key in found[0]) if priced else 0.0
+                cost = sum(priced.prices.get(k, 0.0) for k in found[0]) if priced else 0.0
                 displacing.append(_Option(budget, found[1], found[0], cost))
     if fits:
         return min(fits, key=lambda option: _strategy_key(option, config))
@@ -693,7 +771,7 @@ def place(
     reserved: Mapping[str, Mapping[str, Hold]] | None = None,
     recency: Mapping[str, dt.datetime] | None = None,
     earlier: Mapping[str, dt.datetime] | None = None,
-    prices: Mapping[str, float] | None = None,
+    costs: SwapCosts | None = None,
 ) -> PlacementDecision:
     """Decide which replicas to keep, add and withdraw.
 
@@ -709,9 +787,9 @@ def place(
     A `demanded` request (requests wait for it) may also displace settled models of its own
     priority, the coldest by `recency` (key to last use) first, a model asked for once before one
     asked for again (`earlier`: key to the request before the last): demand-aware placement when
-    full. Given `prices` (key to what swapping it out costs, `eviction.price`: the `cost` swap
-    order), a demanded request displaces instead the settled models whose summed price is
-    least, on the GPU where that sum is least: the agents' `cost` rule.
+    full. Given `costs` (the `cost` swap order: what swapping each key out costs and which keys
+    are young, `SwapCosts`), a demanded request displaces instead the settled models whose
+    summed price is least, on the GPU where that sum is least: the agents' `cost` rule.
     A replica parked in host RAM (`request.parked`) is woken on the GPU it sleeps on, where
     that GPU has room (or is given room by those rules), before any other replica is placed;
     parked replicas left over once every replica is placed are withdrawn.
@@ -752,11 +830,9 @@ def place(
     tally: _Tally | None = None
     for _ in range(request.replicas - len(keep)):
         waking = _wake(
-            request, by_name, budgets, parked, taken, config, now, recency, earlier, prices
+            request, by_name, budgets, parked, taken, config, now, recency, earlier, costs
         )
-        pick = waking or _pick(
-            request, views, budgets, taken, config, now, recency, earlier, prices
-        )
+        pick = waking or _pick(request, views, budgets, taken, config, now, recency, earlier, costs)
         if isinstance(pick, _Tally):
             tally = pick
             break
@@ -801,7 +877,7 @@ def _wake(
     now: dt.datetime,
     recency: Mapping[str, dt.datetime] | None,
     earlier: Mapping[str, dt.datetime] | None = None,
-    prices: Mapping[str, float] | None = None,
+    costs: SwapCosts | None = None,
 ) -> _Option | None:
     """A parked replica to wake, on the GPU it sleeps on, where that GPU has room (or, for a
     demanded request, can be given room by the same rule as a new replica); None if none."""
@@ -809,7 +885,7 @@ def _wake(
         if name in taken:
             continue
         own = {name: tuple(b for b in budgets[name] if b.gpu.uuid == parked[name])}
-        pick = _pick(request, [by_name[name]], own, taken, config, now, recency, earlier, prices)
+        pick = _pick(request, [by_name[name]], own, taken, config, now, recency, earlier, costs)
         if isinstance(pick, _Option):
             return pick
     return None
@@ -898,7 +974,7 @@ class Reservations:
         now: dt.datetime,
         recency: Mapping[str, dt.datetime] | None = None,
         earlier: Mapping[str, dt.datetime] | None = None,
-        prices: Mapping[str, float] | None = None,
+        costs: SwapCosts | None = None,
     ) -> PlacementDecision:
         """`place` against the ledger, and record its outcome, as one atomic step."""
         nodes = list(nodes)
@@ -912,7 +988,7 @@ class Reservations:
                 reserved=self._ledger,
                 recency=recency,
                 earlier=earlier,
-                prices=prices,
+                costs=costs,
             )
             for victim in decision.preempted:
                 self._release(victim.key, victim.node)

@@ -32,7 +32,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -67,6 +67,7 @@ from vram_operator.api.modelpolicy import (
     policies_for,
 )
 from vram_operator.api.quantity import format_bytes, parse_positive_bytes
+from vram_operator.policy.eviction import DecayedRates, EvictionConfig
 
 from .assignment_writer import AssignmentWriter
 from .autoscaling import ScaleState, next_scale
@@ -78,9 +79,12 @@ from .placement import (
     PendingReason,
     PlacementConfig,
     PlacementRequest,
+    ReplicaDemand,
     Reservations,
+    SwapCosts,
     Victim,
     plan_parking,
+    replica_figures,
 )
 from .storage import Store
 from .workqueue import WorkQueue
@@ -122,6 +126,14 @@ class OperatorConfig:
     gpu_node_selector: dict[str, str] | None = None
     """Nodes (by label, all of them when empty) that run an agent: the operator creates their
     GPUNodes, so agents need no right to create one. None: the agents create their own."""
+    swap_order: Literal["cost", "lru2"] = "cost"
+    """What a model requests wait for swaps out, among the settled models its priority may
+    displace: `cost`, the agents' default eviction rule (the set whose summed
+    `policy.eviction.price` is least, on the GPU where that is least; BENCHMARKS.md, "Capacity"),
+    or `lru2` (lowest priority first, then the one asked for least recently before its last
+    request)."""
+    pricing: EvictionConfig = dataclasses.field(default_factory=EvictionConfig)
+    """The load and wake speeds `price` assumes for a model whose agent reports no load time."""
 
 
 @dataclass
@@ -161,6 +173,11 @@ class OperatorService:
         """The gateways' demand per key, summed over replicas, from the last read that worked."""
         self._earlier: dict[str, dt.datetime] = {}
         """Per key, when it was asked for before its latest request (`request_before_last`)."""
+        self._rates = DecayedRates()
+        """Per key, the gateways' requests lately (the `cost` swap order's frequency), from
+        the growth of their request counts between reads."""
+        self._counting = False
+        """Whether a read of the gateways' figures has worked: later ones count growth."""
         self._autoscaled: dict[str, Autoscaling] = {}
         self._scale: dict[str, ScaleState] = {}
         self._idle: dict[str, dict[str, dt.datetime]] = defaultdict(dict)
@@ -440,11 +457,23 @@ class OperatorService:
         queue those requests wait for."""
         known = figures is not None
         if figures is not None:
+            stamp = self.clock().timestamp()
             for key, read in figures.items():
-                earlier = request_before_last(self._figures.get(key), read, self._earlier.get(key))
+                before = self._figures.get(key)
+                earlier = request_before_last(before, read, self._earlier.get(key))
                 if earlier is not None:
                     self._earlier[key] = earlier
+                # The first read is only a starting point (when its counts came is unknown);
+                # after it, a key first seen is all new, and a count that fell is a gateway
+                # that restarted, counting from zero again.
+                if before is None and not self._counting:
+                    continue
+                grown = read.requests - (before.requests if before is not None else 0)
+                grown = grown if grown >= 0 else read.requests
+                if grown:
+                    self._rates.add(key, grown, stamp)
             self._figures = figures
+            self._counting = True
         moment = self.clock()
         for key, policy in list(self._autoscaled.items()):
             state = self._scale.get(key)
@@ -810,6 +839,7 @@ class OperatorService:
                 self.clock(),
                 self._recency(),
                 self._earlier,
+                self._swap_costs() if request.demanded else None,
             )
             to_park = plan_parking(decision.preempted, views) if request.demanded else frozenset()
             displaced = []
@@ -986,6 +1016,40 @@ class OperatorService:
             if times:
                 used[key] = max(times)
         return used
+
+    def _swap_costs(self) -> SwapCosts | None:
+        """The `cost` swap order's figures for every assigned key (`replica_figures`: priority
+        weight x the gateways' request rate x the seconds to bring it back, and whether it is
+        young by the agents' rule); None under `lru2` or without the gateways' figures. A key
+        with replicas on several nodes takes the dearest price, and is young if any is."""
+        if self.config.swap_order != "cost" or self.demand is None:
+            return None
+        moment = self.clock()
+        stamp = moment.timestamp()
+        rules = dataclasses.replace(
+            self.config.pricing,
+            min_residency_seconds=self.config.placement.min_residency_seconds,
+        )
+        prices: dict[str, float] = {}
+        young: set[str] = set()
+        for key, nodes in self._assigned.items():
+            entry = self._figures.get(key)
+            rate = self._rates.rate(key, stamp) or None
+            for node, assignment in nodes.items():
+                report = self._fresh_report(node, key)
+                last = entry.last_request if entry is not None else None
+                loaded = report.loaded_at if report is not None else None
+                figures = ReplicaDemand(
+                    rate=rate,
+                    in_use=entry.busy if entry is not None else None,
+                    served=last is not None and (loaded is None or last >= loaded),
+                    last_request=last,
+                )
+                cost, is_young = replica_figures(key, assignment, report, figures, moment, rules)
+                prices[key] = max(prices.get(key, 0.0), cost)
+                if is_young:
+                    young.add(key)
+        return SwapCosts(prices, frozenset(young))
 
     def _park(self, victim: Victim, changes: dict[str, Assignment | None]) -> None:
         """Keep `victim`'s assignment, marked parked: its agent puts it to sleep in host RAM,
