@@ -21,9 +21,24 @@ from vram_operator.operator.placement import (
     ReplicaDemand,
     SwapCosts,
     place,
-    replica_figures,
+    replica_resident,
+    swap_figures,
 )
 from vram_operator.policy.eviction import EvictionConfig
+
+STAMP = T0.timestamp()
+
+
+def replica_figures(
+    key: str,
+    assignment: Assignment,
+    report: ResidentModel | None,
+    demand: ReplicaDemand,
+    now: dt.datetime,
+    config: EvictionConfig,
+) -> tuple[float, bool]:
+    return swap_figures(replica_resident(key, assignment, report, demand, now), STAMP, config)
+
 
 pytestmark = pytest.mark.unit
 

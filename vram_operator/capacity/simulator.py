@@ -59,7 +59,8 @@ from vram_operator.operator.placement import (
     Victim,
     place,
     plan_parking,
-    replica_figures,
+    replica_resident,
+    swap_figures,
 )
 from vram_operator.policy.eviction import (
     POLICIES,
@@ -249,6 +250,9 @@ class Simulation:
         self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
         self._pricing = EvictionConfig(min_residency_seconds=cluster.min_residency_seconds)
         """The operator's pricing and minimum residency under `operator` (`OperatorConfig`)."""
+        self._replicas: dict[int, tuple[_Copy, tuple[bool, float, int | None, bool], Resident]] = {}
+        """Under `operator`, each copy's view for the swap order without its rate, with the
+        figures it was built from (`_swap_costs`)."""
         self.swapping = PlacementConfig(
             strategy=cluster.strategy,  # type: ignore[arg-type]
             min_residency_seconds=cluster.min_residency_seconds,
@@ -877,7 +881,7 @@ class Simulation:
             self._now(now),
             recency=self._recency,
             earlier=self._earlier,
-            costs=self._swap_costs(now) if self.policy == OPERATOR else None,
+            costs=self._swap_costs(model, now) if self.policy == OPERATOR else None,
         )
         if not decision.chosen:
             return False
@@ -899,39 +903,55 @@ class Simulation:
         self._load(model, gpu, now, seconds=seconds, kind=kind)
         return True
 
-    def _swap_costs(self, now: float) -> SwapCosts:
-        """Each replica on a GPU as the operator's `cost` swap order sees it
-        (`replica_figures`): its assignment, its agent's report (the load time it took) and the
-        gateways' figures (decayed rate, requests running or waiting, served since its load)."""
-        moment = self._now(now)
+    def _swap_costs(self, model: int, now: float) -> SwapCosts:
+        """Each replica `model` may displace on a GPU it may go to, as the operator's `cost`
+        swap order sees it (`swap_figures`): its assignment, its agent's report (the load time
+        it took) and the gateways' figures (decayed rate, requests running or waiting, served
+        since its load). The others are never asked for. A replica's view is rebuilt only when
+        one of those but the rate changes."""
+        stamp = EPOCH + now
+        demanded = self.cluster.gateway_demand
+        rank = self.models[model].priority.rank
         prices, young = {}, set()
-        for copies in self.on_gpu.values():
-            for c in copies.values():
-                spec = self.models[c.model]
-                report = ResidentModel.model_construct(
-                    key=spec.key,
-                    model=spec.ref,
-                    backend=spec.backend,
-                    gpu_uuid=c.gpu,
-                    state=ModelState.LOADED if c.ready_at <= now else ModelState.LOADING,
-                    vram_bytes=c.hold,
-                    loaded_at=self._now(c.loaded_at),
-                    last_access=self._now(self.last_access[c.model]),
-                    load_seconds=self.cluster.load_seconds(self.cluster.nodes[c.node], spec),
-                )
+        for gpu in self.eligible[model]:
+            for c in self.on_gpu[gpu].values():
+                if self.models[c.model].priority.rank > rank:
+                    continue
+                in_use = int(now < self.busy_end[c.model]) if demanded else None
+                served = c.served_from <= now
+                figures = (c.ready_at <= now, self.last_access[c.model], in_use, served)
+                known = self._replicas.get(c.model)
+                if known is None or known[0] is not c or known[1] != figures:
+                    known = (c, figures, self._replica(c, now, figures))
+                    self._replicas[c.model] = known
                 rate = self.demand.rate(c.model, now) or None
-                demand = (
-                    ReplicaDemand(rate, int(now < self.busy_end[c.model]), c.served_from <= now)
-                    if self.cluster.gateway_demand
-                    else ReplicaDemand(rate)
-                )
-                assignment = self._assignment(c.model, c.gpu)
-                prices[spec.key], is_young = replica_figures(
-                    spec.key, assignment, report, demand, moment, self._pricing
-                )
+                replica = replace(known[2], request_rate=rate)
+                prices[replica.key], is_young = swap_figures(replica, stamp, self._pricing)
                 if is_young:
-                    young.add(spec.key)
+                    young.add(replica.key)
         return SwapCosts(prices, frozenset(young))
+
+    def _replica(
+        self, c: _Copy, now: float, figures: tuple[bool, float, int | None, bool]
+    ) -> Resident:
+        """`replica_resident` for a copy: the report its agent would give and the gateways'
+        figures but the rate."""
+        loaded, last_access, in_use, served = figures
+        spec = self.models[c.model]
+        report = ResidentModel.model_construct(
+            key=spec.key,
+            model=spec.ref,
+            backend=spec.backend,
+            gpu_uuid=c.gpu,
+            state=ModelState.LOADED if loaded else ModelState.LOADING,
+            vram_bytes=c.hold,
+            loaded_at=self._now(c.loaded_at),
+            last_access=self._now(last_access),
+            load_seconds=self.cluster.load_seconds(self.cluster.nodes[c.node], spec),
+        )
+        demand = ReplicaDemand(None, in_use, served and in_use is not None)
+        assignment = self._assignment(c.model, c.gpu)
+        return replica_resident(spec.key, assignment, report, demand, self._now(now))
 
     def _parking_views(self, victims: Sequence[Victim], now: float) -> list[NodeView]:
         """The victims' nodes as `plan_parking` reads them, with each victim's reported state

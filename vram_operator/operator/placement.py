@@ -301,21 +301,17 @@ class ReplicaDemand(NamedTuple):
     last_request: dt.datetime | None = None
 
 
-def replica_figures(
+def replica_resident(
     key: str,
     assignment: Assignment,
     report: ResidentModel | None,
     demand: ReplicaDemand,
     now: dt.datetime,
-    config: EvictionConfig,
-) -> tuple[float, bool]:
-    """One replica as the `cost` swap order sees it: its `eviction.price` and whether it is
-    young (`eviction.is_young`, under `config`'s minimum residency), from its assignment, its
-    agent's report (priority, size, sleep mode, the measured load time) and the gateways'
-    figures. Without a rate its recency stands in, and without the figures the minimum
-    residency runs from its load, as for an agent without demand figures. Unknown times read
-    as `Resident.from_status` reads them: a model reported with no load time loaded long ago.
-    """
+) -> Resident:
+    """One replica as the eviction rules see it, from its assignment, its agent's report
+    (priority, size, sleep mode, the measured load time) and the gateways' figures. Unknown
+    times read as `Resident.from_status` reads them: a model reported with no load time loaded
+    long ago; one not reported yet is loading now."""
     if report is None:
         loaded, state, reload, measured = now.timestamp(), ModelState.PENDING, None, 0
     else:
@@ -326,7 +322,7 @@ def replica_figures(
         used.append(report.last_access.timestamp())
     if demand.last_request is not None:
         used.append(demand.last_request.timestamp())
-    model = Resident(
+    return Resident(
         key=key,
         priority=assignment.priority,
         vram_bytes=max(measured, assignment.vram_bytes or 0),
@@ -339,9 +335,15 @@ def replica_figures(
         in_use=demand.in_use,
         served=demand.served,
     )
-    stamp = now.timestamp()
-    settling = state not in (ModelState.LOADED, ModelState.SLEEPING)
-    return price(model, stamp, config), settling or is_young(model, stamp, config)
+
+
+def swap_figures(replica: Resident, now: float, config: EvictionConfig) -> tuple[float, bool]:
+    """A replica's figures under the `cost` swap order: its `eviction.price` and whether it is
+    young (still loading, or `eviction.is_young` under `config`'s minimum residency). Without
+    a rate its recency stands in, and without the gateways' figures the minimum residency runs
+    from its load, as for an agent without demand figures."""
+    settling = replica.state not in (ModelState.LOADED, ModelState.SLEEPING)
+    return price(replica, now, config), settling or is_young(replica, now, config)
 
 
 def plan_parking(victims: Iterable[Victim], nodes: Iterable[NodeView]) -> frozenset[Victim]:

@@ -84,7 +84,8 @@ from .placement import (
     SwapCosts,
     Victim,
     plan_parking,
-    replica_figures,
+    replica_resident,
+    swap_figures,
 )
 from .storage import Store
 from .workqueue import WorkQueue
@@ -1018,7 +1019,7 @@ class OperatorService:
         return used
 
     def _swap_costs(self) -> SwapCosts | None:
-        """The `cost` swap order's figures for every assigned key (`replica_figures`: priority
+        """The `cost` swap order's figures for every assigned key (`swap_figures`: priority
         weight x the gateways' request rate x the seconds to bring it back, and whether it is
         young by the agents' rule); None under `lru2` or without the gateways' figures. A key
         with replicas on several nodes takes the dearest price, and is young if any is."""
@@ -1045,7 +1046,8 @@ class OperatorService:
                     served=last is not None and (loaded is None or last >= loaded),
                     last_request=last,
                 )
-                cost, is_young = replica_figures(key, assignment, report, figures, moment, rules)
+                replica = replica_resident(key, assignment, report, figures, moment)
+                cost, is_young = swap_figures(replica, stamp, rules)
                 prices[key] = max(prices.get(key, 0.0), cost)
                 if is_young:
                     young.add(key)
