@@ -36,7 +36,13 @@ from vram_operator.capacity.cluster import (
     models_from_documents,
 )
 from vram_operator.capacity.report import markdown, plot_results
-from vram_operator.capacity.simulator import OPERATOR, POLICY_NAMES, Result, Simulation
+from vram_operator.capacity.simulator import (
+    OPERATOR,
+    OPERATOR_LRU2,
+    POLICY_NAMES,
+    Result,
+    Simulation,
+)
 from vram_operator.capacity.trace import Trace, Workload, generate
 from vram_operator.policy.eviction import EvictionConfig
 
@@ -48,7 +54,16 @@ SIZES = ((4, 50), (8, 100), (16, 200))
 """(GPUs, models): the catalog is about 1.76 times the GPU memory in each."""
 SHOWN = ("Zipf 0.8", 8)
 DEFAULT = EvictionConfig.policy
-SENSITIVITY_POLICIES = ("lru", "hybrid", "cost", "operator", "oracle-rate", "oracle-lfu", "offline")
+SENSITIVITY_POLICIES = (
+    "lru",
+    "hybrid",
+    "cost",
+    OPERATOR,
+    OPERATOR_LRU2,
+    "oracle-rate",
+    "oracle-lfu",
+    "offline",
+)
 SENSITIVITY_RATES = (0.5, 1.0, 2.0)
 SENSITIVITY_RULES: tuple[tuple[str, dict[str, object]], ...] = (
     ("fixed 120 s", {"gateway_demand": False}),
@@ -91,45 +106,49 @@ PROSE = (
     "valuable one instead. LRU loses little either way (a model just loaded is its most "
     "recent anyway). Without `--no-sensitivity` the script compares the fixed rule with the "
     "served one at three request rates.",
-    "2. `cost` (GreedyDual-Size-Frequency: the smallest priority weight x decayed request "
-    "rate x cost of bringing back / VRAM goes first) is the agents' default now: it had fewer"
-    " cold-load seconds than `hybrid`, the former default, in every cell, and fewer than "
-    "`oracle-lfu`, which is told each model's true rate but is blind to size, in most (the "
-    "first table). Its goal lines above say where it meets 20% below LRU and below Ollama's "
-    "rule.",
-    "3. Within 15% of the offline reference `cost` came only in the cells its goal lines "
-    "say, and the true rates alone (`oracle-lfu`) came no closer in most cells: for "
-    "independent requests of fixed popularity, which the two Zipf traces are (the bursty "
-    "one adds short bursts), the true rate is all an online policy could know, and the "
-    "rest of `offline`'s lead comes from knowing when each next request arrives.",
-    "4. The rate the `cost` policy weighs is the same figure in the simulator and in a "
+    "2. `cost` is GreedyDual-Size-Frequency made a pure function: a model's price is its "
+    "priority weight x decayed request rate x the seconds to bring it back (its wake where it "
+    "can park, else its load), what its eviction costs in loads to come; room is made with "
+    "the set of victims whose summed price is least (`eviction.cheapest_cover`, a "
+    "minimum-cost cover of the bytes needed), on the GPU where that sum is least. Picking "
+    "victims coldest per byte first, as before, could take one large model where two small "
+    "ones asked for as rarely cost less to bring back. It is the agents' default "
+    "`--eviction-policy`, which decides what they demote under memory pressure.",
+    "3. `operator` is what decides in a cluster with a gateway: since the agents no longer "
+    "evict an assigned model for another (issue 7), the operator's `place`, told the model is "
+    "demanded, picks the GPU and the models to swap out, and `plan_parking` parks those that "
+    "can sleep. With `--swap-order cost` (the default) it prices each replica as the agents' "
+    "`cost` rule does (`placement.swap_figures`: the rate from the growth of the gateways' "
+    "request counts, the load time the agent reports) and keeps a replica as long as the "
+    "agents' served rule says it is young; `operator-lru2` is the former order "
+    "(`--swap-order lru2`: lowest priority first, then LRU-2, the minimum residency from the "
+    "last use), measured here beside it. The lines above say how the two compare.",
+    "4. The offline reference is not an optimum: with models of different sizes and load "
+    "costs, evicting the model needed furthest ahead can cost more than a price-aware choice,"
+    " and it leaves requests unserved like any other rule; where a policy came below it the "
+    "lines above count the cells. Its lead elsewhere comes from knowing when each next "
+    "request arrives, which no online rule can (the true rates alone, `oracle-rate` and "
+    "`oracle-lfu`, do not close it).",
+    "5. The rate the `cost` rule weighs is the same figure in the simulator and in a "
     "cluster: request counts decayed with a 600 s half-life (`eviction.DecayedRates`), from the"
     " trace here and, in a cluster, from the growth of the gateways' request counts, which the "
-    "agent reads with `--gateway-demand-url` (`node_agent/demand.py`), with each model's "
-    "requests running or waiting (`inFlight` plus `waiting`). An agent without a gateway has "
-    "neither: `cost` reads 1 / idle time instead (recency times cost per byte) and the fixed "
-    "minimum residency holds.",
-    "5. Unserved requests: an incoming model displaces only models of its own priority or "
+    "agent reads with `--gateway-demand-url` (`node_agent/demand.py`) and the operator from "
+    "its own reads of every gateway replica, with each model's requests running or waiting "
+    "(`inFlight` plus `waiting`). Without a gateway there is neither: `cost` reads "
+    "1 / idle time instead (recency times cost per byte) and the fixed minimum residency "
+    "holds.",
+    "6. Unserved requests: an incoming model displaces only models of its own priority or "
     "lower, so a low-priority model waits, and is given up after 600 s, while GPUs hold idle "
-    "normal ones; in the 4-GPU cells most of them are one popular low model, under "
-    "every policy (the lines above name it). A policy's cold-load seconds leave out the loads"
-    " its unserved requests would have needed: read them with the unserved counts beside "
-    "them.",
-    "6. `operator` is what a cluster with a gateway does when requests wait for a model that "
-    "fits nowhere: since the agents no longer evict an assigned model for another (issue 7), "
-    "the operator's `place`, told the model is demanded, picks the GPU and the models to swap "
-    "out (settled ones of its priority or lower, lowest priority first, then LRU-2), and "
-    "`plan_parking` parks those that can sleep; the agents' `--eviction-policy` decides only "
-    "what they demote under memory pressure. Its minimum residency runs from a model's last "
-    "use, not from its load (the operator's `--min-residency`, 60 s by default; here the same "
-    "120 s as the agents'), so a model asked for within it is never swapped out: it swaps out"
-    " less and more requests wait for room, some until they are given up. Its cold-load "
-    "seconds leave out what those would have loaded: read its cells with their unserved "
-    "counts, and the added p99 in the detail table, before its goal lines. Giving the "
-    "operator's swap-out the cost order and the served rule is the next step these figures "
-    "point to.",
+    "normal ones; most of them are a few large low models (the lines above name the 4-GPU "
+    "ones). A rule that gives up low models first (`cost` weighs a low model half as much as "
+    "a normal one) leaves less room held by low models for such a model to take, so it "
+    "leaves more of them waiting: the unserved lines above count the cells. A policy's "
+    "cold-load seconds leave out the loads its unserved requests would have needed: read "
+    "them with the unserved counts beside them.",
     "",
-    "`cost` is the agents' default (`--eviction-policy`, the chart's `agent.policy`).",
+    "`cost` is the agents' default (`--eviction-policy`, the chart's `agent.policy`), and the "
+    "operator's `--swap-order cost` (the chart's `operator.placement.swapOrder`) is what a "
+    "cluster with a gateway runs.",
 )
 
 
@@ -200,7 +219,7 @@ def compare(
     ]
     flat = list(pool.map(_run, jobs))
     rows = [("trace", "GPUs / models", "requests", "lru cold-load s", *POLICY_NAMES)]
-    met = {policy: [0, 0, 0] for policy in (DEFAULT, "cost", OPERATOR)}
+    met = {policy: [0, 0, 0] for policy in (OPERATOR, DEFAULT)}
     goal_rows = [
         ("trace", "GPUs", "policy", "<= 0.8 x lru", "<= 0.8 x ollama", "<= 1.15 x offline")
     ]
@@ -263,19 +282,33 @@ def compare(
         {r.policy: r for r in flat[i * len(POLICY_NAMES) : (i + 1) * len(POLICY_NAMES)]}
         for i in range(total)
     ]
-    for reference in ("cost", OPERATOR, "oracle-rate", "oracle-lfu", "offline"):
+    for reference in ("cost", OPERATOR, OPERATOR_LRU2, "oracle-rate", "oracle-lfu", "offline"):
         ratios = [c[reference].cold_load_seconds / c["lru"].cold_load_seconds for c in every]
         lines.append(
             f"- `{reference}` against LRU over the {total} cells: "
             f"{min(ratios):.2f}-{max(ratios):.2f}"
         )
-    behind = sum(
-        c["oracle-rate"].cold_load_seconds > c["oracle-lfu"].cold_load_seconds for c in every
-    )
-    lines.append(
+
+    def fewer(policy: str, than: str) -> int:
+        return sum(c[policy].cold_load_seconds < c[than].cold_load_seconds for c in every)
+
+    def unserved_more(policy: str, than: str) -> int:
+        return sum(c[policy].unserved > c[than].unserved for c in every)
+
+    lines += [
+        f"- `cost` had fewer cold-load seconds than `hybrid`, the agents' former default, in "
+        f"{fewer('cost', 'hybrid')}/{total} cells; `operator` than `operator-lru2`, the "
+        f"operator's former order, in {fewer(OPERATOR, OPERATOR_LRU2)}/{total}",
+        f"- below the offline reference: `cost` in {fewer('cost', 'offline')}/{total} cells, "
+        f"`operator` in {fewer(OPERATOR, 'offline')}/{total}",
         f"- `oracle-rate` (the cost rule with the true rates) had more cold-load seconds than "
-        f"`oracle-lfu` (the true rates alone) in {behind}/{total} cells"
-    )
+        f"`cost` in {fewer('cost', 'oracle-rate')}/{total} cells, and than `oracle-lfu` (the "
+        f"true rates alone) in {fewer('oracle-lfu', 'oracle-rate')}/{total}",
+        f"- more requests unserved than LRU: `cost` in {unserved_more('cost', 'lru')}/{total} "
+        f"cells, `operator` in {unserved_more(OPERATOR, 'lru')}/{total}, `operator-lru2` in "
+        f"{unserved_more(OPERATOR_LRU2, 'lru')}/{total}, `offline` in "
+        f"{unserved_more('offline', 'lru')}/{total}",
+    ]
     for index, (name, gpus, count, _) in enumerate(cells):
         lru = every[index]["lru"]
         if lru.unserved and lru.unserved >= 0.02 * lru.requests:
@@ -287,8 +320,12 @@ def compare(
                 f"{model.backend}), which may displace only low models and finds no GPU with "
                 "that much held by them"
             )
+    labels = {
+        OPERATOR: f"`{OPERATOR}` (what a cluster with a gateway runs, `--swap-order cost`)",
+        DEFAULT: f"`{DEFAULT}` (the agents' default eviction policy)",
+    }
     for policy, (lru_met, ollama_met, offline_met) in met.items():
-        label = f"`{policy}` (the default)" if policy == DEFAULT else f"`{policy}`"
+        label = labels[policy]
         lines.append(
             f"- {label} met: >= 20% fewer cold-load seconds than LRU in {lru_met}/{total} "
             f"cells, than Ollama's rule in {ollama_met}/{total}, within 15% of the offline "
@@ -432,9 +469,9 @@ def main() -> int:
         "over-commits were 0 in every run (checked by the script). `oracle-rate` is the "
         "`cost` rule told each model's true rate over the whole trace, `oracle-lfu` evicts "
         "the lowest true rate (blind to size and cost), `offline` the model needed furthest "
-        "ahead: none of the three can run online. `operator` is not an agent policy but the "
-        "operator's own swap-out for waiting requests, which a cluster with a gateway runs "
-        "(point 6 below).",
+        "ahead: none of the three can run online. `operator` and `operator-lru2` are not agent"
+        " policies but the operator's own swap-out for waiting requests, which a cluster with "
+        "a gateway runs, by its two `--swap-order`s (point 3 below).",
         "",
         *table,
         f"- the comparison took {compare_seconds:.0f} s of wall time on {args.jobs} processes",
