@@ -44,7 +44,7 @@ import math
 import time as wallclock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from vram_operator.api import GPU, Assignment, Backend, ModelState, Priority, ResidentModel
 from vram_operator.api.budget import reserve_bytes
@@ -73,6 +73,7 @@ from vram_operator.policy.eviction import (
     is_evictable,
     last_used,
     plan_room,
+    price,
 )
 
 from .cluster import ClusterSpec, SimModel
@@ -250,9 +251,12 @@ class Simulation:
         self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
         self._pricing = EvictionConfig(min_residency_seconds=cluster.min_residency_seconds)
         """The operator's pricing and minimum residency under `operator` (`OperatorConfig`)."""
-        self._replicas: dict[int, tuple[_Copy, tuple[bool, float, int | None, bool], Resident]] = {}
-        """Under `operator`, each copy's view for the swap order without its rate, with the
-        figures it was built from (`_swap_costs`)."""
+        self._replicas: dict[
+            int, tuple[_Copy, tuple[bool, float, int | None, bool], dict[str, Any]]
+        ] = {}
+        """Under `operator`, each copy's view for the swap order but its rate (the `Resident`'s
+        fields, to build one per rate without `dataclasses.replace`'s cost), with the figures
+        it was built from (`_swap_costs`)."""
         self.swapping = PlacementConfig(
             strategy=cluster.strategy,  # type: ignore[arg-type]
             min_residency_seconds=cluster.min_residency_seconds,
@@ -922,10 +926,12 @@ class Simulation:
                 figures = (c.ready_at <= now, self.last_access[c.model], in_use, served)
                 known = self._replicas.get(c.model)
                 if known is None or known[0] is not c or known[1] != figures:
-                    known = (c, figures, self._replica(c, now, figures))
+                    fields = vars(self._replica(c, now, figures)).copy()
+                    del fields["request_rate"]
+                    known = (c, figures, fields)
                     self._replicas[c.model] = known
                 rate = self.demand.rate(c.model, now) or None
-                replica = replace(known[2], request_rate=rate)
+                replica = Resident(**known[2], request_rate=rate)
                 prices[replica.key], is_young = swap_figures(replica, stamp, self._pricing)
                 if is_young:
                     young.add(replica.key)
@@ -984,9 +990,11 @@ class Simulation:
         Ties go to fewer victims, then fewer bytes freed, then the GPU's name. A GPU's plan takes
         its victims coldest first, so its hottest victim is no colder than its coldest
         displaceable resident: GPUs are tried in that order, and the search stops once no GPU
-        left can beat the best plan found (a price has no such bound: under `cost` every GPU
-        is tried). A GPU whose displaceable models hold too little to make the room is not
-        tried (the result is that of trying every GPU).
+        left can beat the best plan found. Under `cost` the order and the stop are by a lower
+        bound of each GPU's price instead: its displaceable models taken cheapest per byte
+        first, the last one only in the part the room still needs (a cover can cost no less).
+        A GPU whose displaceable models hold too little to make the room is not tried (the
+        result is that of trying every GPU).
         """
         gpus = self.eligible[model]
         stamp = EPOCH + now
@@ -999,20 +1007,32 @@ class Simulation:
             if r.priority.rank <= incoming and is_evictable(r, stamp, self.config)
         ]
         rank = {r.key: i for i, r in enumerate(coldest_first(displaceable, stamp, self.config))}
-        bound: dict[str, int] = {}
+        priced = self.config.policy == "cost" and self.config.victim_order is None
+        bound: dict[str, float] = {}
         for gpu in gpus:
             candidates, freeable = [], 0
             for c in self.on_gpu[gpu].values():
                 at = rank.get(self.models[c.model].key)
                 if at is not None:
-                    candidates.append(at)
+                    candidates.append((at, c))
                     freeable += c.hold
-            if self._free(gpu, excluding=model) + freeable >= self._footprint(model, gpu):
-                bound[gpu] = min(candidates, default=len(rank))
-        priced = self.config.policy == "cost" and self.config.victim_order is None
+            deficit = self._footprint(model, gpu) - self._free(gpu, excluding=model)
+            if freeable < deficit:
+                continue
+            if not priced:
+                bound[gpu] = min((at for at, _ in candidates), default=len(rank))
+                continue
+            least = 0.0
+            for _, c in sorted(candidates, key=lambda item: item[0]):
+                if deficit <= 0:
+                    break
+                share = 1.0 if c.hold <= deficit else deficit / c.hold
+                least += share * price(residents[c.model], stamp, self.config)
+                deficit -= c.hold
+            bound[gpu] = least
         best: tuple[tuple[float, int, int, str], RoomPlan] | None = None
         for gpu in sorted(bound, key=lambda g: (bound[g], g)):
-            if best is not None and not priced and bound[gpu] > best[0][0]:
+            if best is not None and bound[gpu] > best[0][0]:
                 break
             plan = self._plan_on(gpu, model, now, residents)
             if not plan.feasible:
