@@ -11,7 +11,11 @@ through one gateway, each request sent at its time.
   operator's own accounting), `replicas: 0` for the rest (the gateway answers them 503 at once);
   the operator without a demand source;
 - demand: the operator reads the gateway's /demand (--gateway-demand-url): a request for a
-  model with no replica swaps out the coldest settled one (`--min-residency`).
+  model with no room swaps out the settled ones whose eviction costs least in loads to come
+  (`--swap-order cost`, the default; young ones stay: requests running or waiting, or loaded
+  within `--min-residency` and not asked for since);
+- demand-lru2: the same with `--swap-order lru2`, the former order (the one asked for least
+  recently before its last request, none used within `--min-residency`).
 
 Warm hit: answered 200 in under 1 s (a load takes `--load-seconds`). Added latency: the time
 the client waited, less nothing (the fake Ollama answers in milliseconds). `--write` puts the
@@ -115,6 +119,7 @@ def run(label: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     counts = collections.Counter(trace.models)
     order = sorted(models, key=lambda m: (-counts[m], m))
     fitting = fits(order, models) if label == "fixed" else set(models)
+    swap_order = "lru2" if label == "demand-lru2" else "cost"
     catalog = workdir / "catalog.json"
     catalog.write_text(
         json.dumps({f"{m}:1b": {"size": s // 2, "size_vram": s} for m, s in models.items()})
@@ -159,8 +164,10 @@ def run(label: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "0.5",
                     "--min-residency",
                     str(args.min_residency),
+                    "--swap-order",
+                    swap_order,
                 ]
-                if label == "demand"
+                if label != "fixed"
                 else []
             )
             operator = cluster.start_operator("--heartbeat-grace", "8", *demand)
@@ -245,7 +252,8 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
         f"- scenario: {args.models} Ollama models of 2-10 GiB (seed {args.seed}) created most "
         "popular first (by the trace's counts) on 2 simulated nodes x 4 x 24 GiB GPUs; fixed: "
         "`replicas: 1` for those first fit places, `replicas: 0` for the rest; demand: "
-        "`replicas: 1` for all, the operator reading the gateway's demand; fake Ollama load "
+        "`replicas: 1` for all, the operator reading the gateway's demand and swapping out by "
+        "`--swap-order cost` (demand) or `lru2` (demand-lru2); fake Ollama load "
         f"{args.load_seconds:g} s; Zipf alpha {args.alpha} at {args.rate:g} req/s for "
         f"{args.duration:g} s through one gateway (queue timeout {args.queue_timeout:g} s); "
         f"demand run: --min-residency {args.min_residency:g}",
@@ -266,30 +274,45 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
     for name, cell in figures:
         lines.append(f"| {name} | " + " | ".join(cell(r) for r in rows) + " |")
     by_label = {r["label"]: r for r in rows}
-    if {"fixed", "demand"} <= by_label.keys():
-        lines += ["", reading(args, by_label["fixed"], by_label["demand"])]
+    if "fixed" in by_label and ({"demand", "demand-lru2"} & by_label.keys()):
+        lines += ["", reading(args, by_label)]
     return [*lines, ""]
 
 
-def reading(args: argparse.Namespace, fixed: dict[str, Any], demand: dict[str, Any]) -> str:
-    """What the two runs say, with their figures."""
-    asked = demand["requests"] / args.models
-    return (
+def reading(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> str:
+    """What the runs say, with their figures."""
+    fixed = runs["fixed"]
+    text = (
         f"What it says: the fixed run is an oracle (it knew the trace's popularity and kept the "
         f"{fixed['resident']} most popular models that fit), so its "
         f"{fixed['warm'] / fixed['requests']:.1%} of requests are warm and the rest, for models "
-        "it gave `replicas: 0`, are refused. Demand-driven residency answered "
-        f"{demand['ok'] / demand['requests']:.1%} "
-        f"without knowing the trace, but only {demand['warm'] / demand['requests']:.1%} warm, "
-        f"with {demand['swaps']} swap-outs for {demand['requests']} requests: each request for "
-        "a model with no room swaps out a settled one (not used within --min-residency), the "
-        "one asked for least recently before its last request (LRU-2), else the least recently "
-        f"used. On a trace this short ({asked:.1f} requests per model) most models have no "
-        "request before their last, so the choice is mostly recency, and on a steep Zipf trace "
-        "recency evicts models asked for again soon. A request that misses waits a "
-        f"{args.load_seconds:g} s load plus the operator's read of the gateway's demand and the "
-        f"agent's report; those past the {args.queue_timeout:g} s queue timeout are refused."
+        "it gave `replicas: 0`, are refused."
     )
+    orders = {
+        "demand": "the settled models whose eviction costs least in loads to come (`cost`: "
+        "priority weight x the rate of the gateway's counts x the load time its agent reported)",
+        "demand-lru2": "the settled one asked for least recently before its last request "
+        "(`lru2`), else the least recently used",
+    }
+    for label, order in orders.items():
+        run = runs.get(label)
+        if run is None:
+            continue
+        text += (
+            f" `{label}` answered {run['ok'] / run['requests']:.1%} without knowing the trace, "
+            f"{run['warm'] / run['requests']:.1%} warm, with {run['swaps']} swap-outs for "
+            f"{run['requests']} requests, each request for a model with no room swapping out "
+            f"{order}."
+        )
+    asked = fixed["requests"] / args.models
+    text += (
+        f" On a trace this short ({asked:.1f} requests per model) most models are asked for "
+        "once or twice, so a swap order has little history to go on. A request that misses "
+        f"waits a {args.load_seconds:g} s load plus the operator's read of the gateway's demand "
+        f"and the agent's report; those past the {args.queue_timeout:g} s queue timeout are "
+        "refused."
+    )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=float, default=2.0)
     parser.add_argument("--queue-timeout", type=float, default=30.0)
     parser.add_argument("--min-residency", type=float, default=10.0)
-    parser.add_argument("--runs", default="fixed,demand")
+    parser.add_argument("--runs", default="fixed,demand,demand-lru2")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     rows = []

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vram_operator.api import Backend, ModelState, Priority
+from vram_operator.capacity import simulator
 from vram_operator.capacity.cluster import (
     ClusterSpec,
     DescriptionError,
@@ -380,6 +381,23 @@ def test_the_cost_policy_makes_room_on_the_gpu_where_it_costs_least() -> None:
         assert [e.key for e in result.events if e.kind == "unload"] == [victim], policy
 
 
+@pytest.mark.parametrize("policy", ["cost", "operator"])
+def test_reading_rates_at_a_moved_base_changes_no_decision(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rates are read at a base moment, moved on every REBASE_SECONDS; moved every 50 s instead
+    # of every 30000 s, every figure of a busy hour comes out the same.
+    models = models_from_documents(catalog(30, seed=3))
+    requests = generate([m.key for m in models], Workload(alpha=0.9, rate=0.5, duration=3600), 3)
+    spec = cluster(40, 40, request_seconds=5)
+    before = Simulation(spec, models, requests, policy, record_events=True).run()
+    monkeypatch.setattr(simulator, "REBASE_SECONDS", 50.0)
+    after = Simulation(spec, models, requests, policy, record_events=True).run()
+    assert before.cold_starts > 10
+    assert after.events == before.events
+    assert (after.cold_load_seconds, after.unserved) == (before.cold_load_seconds, before.unserved)
+
+
 def test_oracle_rate_reads_the_true_rates_and_the_cost_rule() -> None:
     sim = Simulation(cluster(10), TINY_MODELS, TINY_TRACE, "oracle-rate")
     assert sim.config.policy == "cost"
@@ -452,7 +470,7 @@ def test_the_quick_room_test_agrees_with_the_agents_eviction_rule(
         for copy in (c for copies in sim.on_gpu.values() for c in copies.values()):
             if policy == "operator-lru2" or sim.models[copy.model].priority is Priority.CRITICAL:
                 continue
-            resident = sim._resident(copy, now, weighed=False)
+            resident = sim._resident(copy, now)
             assert (copy.free_at <= now) is is_evictable(resident, EPOCH + now, sim.config)
 
 

@@ -44,7 +44,7 @@ import math
 import time as wallclock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 from vram_operator.api import GPU, Assignment, Backend, ModelState, Priority, ResidentModel
 from vram_operator.api.budget import reserve_bytes
@@ -107,6 +107,11 @@ recently before its last request (LRU-2), then the least recently used."""
 OPERATORS = (OPERATOR, OPERATOR_LRU2)
 
 POLICY_NAMES: tuple[str, ...] = (*POLICIES, *OPERATORS, *BASELINES)
+
+REBASE_SECONDS = 50 * RATE_HALF_LIFE_SECONDS
+"""How far the moment rates are read at (`Simulation._rate_base`) may fall behind the trace
+before it moves on: a rate read 50 half-lives early is about 1e15 times the rate now, far from
+overflowing."""
 
 EPOCH = 1_700_000_000.0
 """Trace time 0 in epoch seconds, for the placement's heartbeat check."""
@@ -251,12 +256,9 @@ class Simulation:
         self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
         self._pricing = EvictionConfig(min_residency_seconds=cluster.min_residency_seconds)
         """The operator's pricing and minimum residency under `operator` (`OperatorConfig`)."""
-        self._replicas: dict[
-            int, tuple[_Copy, tuple[bool, float, int | None, bool], dict[str, Any]]
-        ] = {}
-        """Under `operator`, each copy's view for the swap order but its rate (the `Resident`'s
-        fields, to build one per rate without `dataclasses.replace`'s cost), with the figures
-        it was built from (`_swap_costs`)."""
+        self._replicas: dict[int, tuple[_Copy, tuple[bool, float, int | None, bool], Resident]] = {}
+        """Under `operator`, each copy's view for the swap order, with the figures it was built
+        from (`_swap_costs`)."""
         self.swapping = PlacementConfig(
             strategy=cluster.strategy,  # type: ignore[arg-type]
             min_residency_seconds=cluster.min_residency_seconds,
@@ -298,14 +300,11 @@ class Simulation:
         self.held = 0
         self.used = dict.fromkeys(self.room, 0)
         """Bytes held per GPU, kept with on_gpu."""
-        self._rate_varies = policy == "cost"
-        """Whether the policy weighs the decaying request rate, which changes every moment."""
-        self._residents: dict[int, tuple[_Copy, tuple[bool, ...], float, Resident]] = {}
+        self._rate_base = trace.times[0] if trace.times else 0.0
+        """The moment request rates are read at (`_rate`), moved on as the trace goes on."""
+        self._residents: dict[int, tuple[_Copy, tuple[bool, ...], Resident]] = {}
         """The agent's view of each resident copy, by model, with whether it had loaded, was in
-        use and had served, and the moment it was built (see `_resident`); a request drops its
-        model's entry."""
-        self._unweighed: dict[int, tuple[_Copy, tuple[bool, ...], float, Resident]] = {}
-        """The same without the request rate, for the rules that never read it."""
+        use and had served (see `_resident`); a request drops its model's entry."""
         self._node_views: dict[int, tuple[float, NodeView]] = {}
         """Per node, when its current view was built and the view (see `_views`)."""
         self._reclaim: dict[str, tuple[float, dict[int, int]]] = {}
@@ -442,40 +441,45 @@ class Simulation:
             self._assignment_cache[(model, gpu)] = cached
         return cached
 
-    def _resident(self, copy: _Copy, now: float, *, weighed: bool = True) -> Resident:
+    def _resident(self, copy: _Copy, now: float) -> Resident:
         """The agent's view of `copy` at `now`, rebuilt only when a figure in it changes: the
-        copy, its last use (a request drops the entry), whether it has loaded, is in use and has
-        served, and, where the
-        policy weighs the request rate (`cost`), the moment. `weighed=False` leaves the rate out,
-        for questions whose answer never reads it (`is_evictable`)."""
-        timed = weighed and self._rate_varies
-        cache = self._unweighed if self._rate_varies and not weighed else self._residents
+        copy, its last use and request rate (a request drops the entry), and whether it has
+        loaded, is in use and has served."""
         loaded = copy.ready_at <= now
         # Demand figures: whether requests run on it (or wait for it) and whether any has.
         use = (now < self.busy_end[copy.model], copy.served_from <= now)
-        known = cache.get(copy.model)
-        if (
-            known is not None
-            and known[0] is copy
-            and known[1] == (loaded, *use)
-            and (not timed or known[2] == now)
-        ):
-            return known[3]
-        resident = self._new_resident(copy, now, loaded, use, weighed=timed)
-        cache[copy.model] = (copy, (loaded, *use), now, resident)
+        known = self._residents.get(copy.model)
+        if known is not None and known[0] is copy and known[1] == (loaded, *use):
+            return known[2]
+        resident = self._new_resident(copy, loaded, use)
+        self._residents[copy.model] = (copy, (loaded, *use), resident)
         return resident
 
-    def _new_resident(
-        self, copy: _Copy, now: float, loaded: bool, use: tuple[bool, bool], *, weighed: bool
-    ) -> Resident:
+    def _rebase(self, now: float) -> None:
+        """Move the moment rates are read at up to `now` when it has fallen far behind, and drop
+        every view built on the old one. Called only between decisions, so that the figures one
+        decision compares are all read at the same moment."""
+        if now - self._rate_base > REBASE_SECONDS:
+            self._rate_base = now
+            self._residents.clear()
+            self._replicas.clear()
+
+    def _rate(self, model: int) -> float:
+        """The gateways' decayed request rate of `model` read at `_rate_base`
+        (`DecayedRates.rate`): the rate now times a factor common to every model, so every
+        order, sum and comparison the policies make of rates comes out as with the rates now,
+        and a figure holds until the model's next request."""
+        return self.demand.rate(model, self._rate_base)
+
+    def _new_resident(self, copy: _Copy, loaded: bool, use: tuple[bool, bool]) -> Resident:
         model = self.models[copy.model]
         node = self.cluster.nodes[copy.node]
         demand = self.cluster.gateway_demand
         rate = None
         if self.policy == "oracle-rate" and self.true_rate is not None:
             rate = self.true_rate[copy.model]
-        elif weighed and demand:
-            rate = self.demand.rate(copy.model, now)
+        elif demand and self.config.policy == "cost":
+            rate = self._rate(copy.model)
         in_use = int(use[0]) if demand else None
         return Resident(
             key=model.key,
@@ -591,6 +595,7 @@ class Simulation:
         offline = self.policy == "offline"
         for i, model in enumerate(self.requests):
             now = times[i]
+            self._rebase(now)
             if self.retry_at <= now:
                 self._retry(now)
             while now >= next_sample:
@@ -605,7 +610,6 @@ class Simulation:
                 self.next_use[model] = self.next_time[i]
             self.last_access[model] = now
             self._residents.pop(model, None)
-            self._unweighed.pop(model, None)
             copy = self.where.get(model)
             if self.operator:
                 self._used(model, copy, now)
@@ -656,7 +660,6 @@ class Simulation:
         copy.served_from = min(copy.served_from, start)
         if self.cluster.gateway_demand and self.policy != OPERATOR_LRU2:
             self._residents.pop(model, None)
-            self._unweighed.pop(model, None)
             self._settle(copy, now)
 
     def _settle(self, copy: _Copy, now: float) -> None:
@@ -766,6 +769,7 @@ class Simulation:
         """Serve waiting requests at each moment room may have appeared, up to `until`."""
         while self.pending and self.retry_at <= until:
             now = self.retry_at
+            self._rebase(now)
             most = self._most_room(now)
             for model in list(self.pending):
                 arrivals = self.pending[model]
@@ -912,7 +916,7 @@ class Simulation:
         swap order sees it (`swap_figures`): its assignment, its agent's report (the load time
         it took) and the gateways' figures (decayed rate, requests running or waiting, served
         since its load). The others are never asked for. A replica's view is rebuilt only when
-        one of those but the rate changes."""
+        one of those changes (its rate only with a request, `_rate`)."""
         stamp = EPOCH + now
         demanded = self.cluster.gateway_demand
         rank = self.models[model].priority.rank
@@ -926,22 +930,18 @@ class Simulation:
                 figures = (c.ready_at <= now, self.last_access[c.model], in_use, served)
                 known = self._replicas.get(c.model)
                 if known is None or known[0] is not c or known[1] != figures:
-                    fields = vars(self._replica(c, now, figures)).copy()
-                    del fields["request_rate"]
-                    known = (c, figures, fields)
+                    known = (c, figures, self._replica(c, now, figures))
                     self._replicas[c.model] = known
-                rate = self.demand.rate(c.model, now) or None
-                replica = Resident(**known[2], request_rate=rate)
-                prices[replica.key], is_young = swap_figures(replica, stamp, self._pricing)
+                prices[known[2].key], is_young = swap_figures(known[2], stamp, self._pricing)
                 if is_young:
-                    young.add(replica.key)
+                    young.add(known[2].key)
         return SwapCosts(prices, frozenset(young))
 
     def _replica(
         self, c: _Copy, now: float, figures: tuple[bool, float, int | None, bool]
     ) -> Resident:
         """`replica_resident` for a copy: the report its agent would give and the gateways'
-        figures but the rate."""
+        figures."""
         loaded, last_access, in_use, served = figures
         spec = self.models[c.model]
         report = ResidentModel.model_construct(
@@ -955,7 +955,8 @@ class Simulation:
             last_access=self._now(last_access),
             load_seconds=self.cluster.load_seconds(self.cluster.nodes[c.node], spec),
         )
-        demand = ReplicaDemand(None, in_use, served and in_use is not None)
+        rate = self._rate(c.model) or None
+        demand = ReplicaDemand(rate, in_use, served and in_use is not None)
         assignment = self._assignment(c.model, c.gpu)
         return replica_resident(spec.key, assignment, report, demand, self._now(now))
 

@@ -345,7 +345,14 @@ class DecayedRates:
         self._at[key] = now
 
     def rate(self, key: object, now: float) -> float:
-        """Requests per second lately; 0 for a key never counted."""
+        """Requests per second lately; 0 for a key never counted.
+
+        Read at a fixed `now` that may precede the last count (a base moment), it is every
+        key's rate at any later moment times one factor, the same for all keys: orders and
+        sums of rates compare alike, and the figure holds until the key's next count (the
+        capacity simulator reads it so). A base some hundreds of half-lives before a count
+        overflows the figure.
+        """
         value = self._value.get(key)
         if not value:
             return 0.0
