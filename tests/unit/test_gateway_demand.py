@@ -158,7 +158,8 @@ async def test_request_rates_come_from_the_growth_of_every_replicas_counts() -> 
         model="other", key="default.a", vram_bytes=None, gpu_uuid=None, state=ModelState.LOADED
     )
     assert demand.request_rate(by_key, Backend.OLLAMA) == pytest.approx(second.request_rate)
-    assert demand.request_rate(info("qwen2.5:7b", None), Backend.OLLAMA) is None
+    # nobody asked a gateway for it since they answered: no demand, not an unknown one
+    assert demand.request_rate(info("qwen2.5:7b", None), Backend.OLLAMA) == 0.0
     await demand.aclose()
 
 

@@ -206,3 +206,30 @@ async def test_a_model_with_requests_in_flight_is_not_swapped_out() -> None:
     await svc.apply_demand(reads)
     await drain(svc)
     assert store.assigned("n1") == {"ns.b", "ns.c"}
+
+
+async def test_a_model_nobody_asked_for_goes_before_one_asked_for_once() -> None:
+    # a and b were placed before any traffic; a has been asked for once since, b never. Once
+    # a gateway has answered, b's rate is 0: it goes, however recently it loaded (the recency
+    # an agent without demand figures reads would price it above a's single request).
+    store, clock = MemoryStore(), Clock()
+    store.add_node("n1", total=24 * GI)
+    for name in ("a", "b", "c"):
+        store.apply(name, vram="10Gi")
+    svc = await demand_service(store, clock)
+    await drain(svc)
+    for name in ("b", "a"):
+        body = store.report("n1", f"ns.{name}", ModelState.LOADED)
+        for model in body["status"]["models"]:
+            model["loadedAt"] = (T0 + dt.timedelta(seconds=50)).isoformat()
+        svc.observe_gpunode(body, "n1")
+    await drain(svc)
+    await svc.apply_demand({})
+    clock.now = T0 + dt.timedelta(seconds=60)
+    once = wanted("a", last=60)
+    once.requests = 1
+    await svc.apply_demand({"ns.a": once})
+    clock.now = T0 + dt.timedelta(seconds=100)
+    await svc.apply_demand({"ns.a": once, "ns.c": wanted("c", waiting=1, last=100)})
+    await drain(svc)
+    assert store.assigned("n1") == {"ns.a", "ns.c"}

@@ -955,8 +955,7 @@ class Simulation:
             last_access=self._now(last_access),
             load_seconds=self.cluster.load_seconds(self.cluster.nodes[c.node], spec),
         )
-        rate = self._rate(c.model) or None
-        demand = ReplicaDemand(rate, in_use, served and in_use is not None)
+        demand = ReplicaDemand(self._rate(c.model), in_use, served and in_use is not None)
         assignment = self._assignment(c.model, c.gpu)
         return replica_resident(spec.key, assignment, report, demand, self._now(now))
 

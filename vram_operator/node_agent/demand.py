@@ -129,7 +129,9 @@ class GatewayDemand:
         self._totals: dict[tuple[str, Any], int] = {}
         """The last request count per (gateway address, key): rates come from its growth."""
         self._counted: set[Any] = set()
-        """Keys some gateway has counted: only they have a rate."""
+        """Keys some gateway has counted: only they have a rate above 0."""
+        self._answered = False
+        """Whether a gateway replica has answered a read."""
         self._rates = DecayedRates()
         self._read_at = -float("inf")
         self._session: aiohttp.ClientSession | None = None
@@ -149,6 +151,7 @@ class GatewayDemand:
         snapshots = await asyncio.gather(*(self._read(a) for a in addresses))
         read = [s for s in snapshots if s is not None]
         self._latest = merge(read)
+        self._answered = self._answered or bool(read)
         self._in_use = in_use(read)
         now = time.monotonic()
         for address, snapshot in zip(addresses, snapshots, strict=True):
@@ -189,13 +192,14 @@ class GatewayDemand:
         return max(times) if times else None
 
     def request_rate(self, info: ResidentInfo, backend: Backend) -> float | None:
-        """Requests per second lately for the model `info` reports; None if no gateway has
-        counted it."""
+        """Requests per second lately for the model `info` reports: 0 if no gateway has counted
+        it since one answered (nobody asked for it: the `cost` policy must not price it by
+        recency above models that were asked for); None while no gateway has answered."""
         now = time.monotonic()
         for key in (info.key, _model_key(backend.value, info.model)):
             if key is not None and key in self._counted:
                 return self._rates.rate(key, now)
-        return None
+        return 0.0 if self._answered else None
 
     def requests_in_use(self, info: ResidentInfo, backend: Backend) -> int | None:
         """Requests running on the model `info` reports or waiting for it, at the last read;

@@ -564,8 +564,8 @@ def _displaceable(
     recently used) first. Waiting requests never take from a high or critical model what its
     priority gives it: demanded, it may still displace any strictly lower priority, settled
     or not. With `costs` (the `cost` swap order) a model is settled unless `costs.young` names
-    it (the agents' rule, `eviction.is_young`), and the settled ones go cheapest per byte first:
-    priority weighs in the price.
+    it (the agents' rule, `eviction.is_young`), and the settled ones go cheapest per byte first
+    (priority weighs in the price), equal prices the least recently used first.
     """
     if request.demanded and now is not None:
         used = recency or {}
@@ -585,16 +585,17 @@ def _displaceable(
             and hold.priority.rank <= request.priority.rank
             and (settled(key) or (preempts and hold.priority.rank < request.priority.rank))
         ]
+        epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
         if costs is not None:
             prices = costs.prices
             return sorted(
                 cold,
                 key=lambda item: (
                     prices.get(item[0], 0.0) * GIB / max(item[1].vram_bytes, 1),
+                    used.get(item[0], epoch),
                     item[0],
                 ),
             )
-        epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
         before = earlier or {}
         return sorted(
             cold,

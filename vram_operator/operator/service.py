@@ -1035,7 +1035,9 @@ class OperatorService:
         young: set[str] = set()
         for key, nodes in self._assigned.items():
             entry = self._figures.get(key)
-            rate = self._rates.rate(key, stamp) or None
+            # Once a read has worked, a model no gateway counted was asked for by nobody:
+            # rate 0, not the recency an agent without any demand figures reads instead.
+            rate = self._rates.rate(key, stamp) if self._counting else None
             for node, assignment in nodes.items():
                 report = self._fresh_report(node, key)
                 last = entry.last_request if entry is not None else None
