@@ -119,7 +119,7 @@ PROSE = (
     "demanded, picks the GPU and the models to swap out, and `plan_parking` parks those that "
     "can sleep. With `--swap-order cost` (the default) it prices each replica as the agents' "
     "`cost` rule does (`placement.swap_figures`: the rate from the growth of the gateways' "
-    "request counts, the load time the agent reports) and keeps a replica as long as the "
+    "request counts, its load time estimated from its size) and keeps a replica as long as the "
     "agents' served rule says it is young; `operator-lru2` is the former order "
     "(`--swap-order lru2`: lowest priority first, then LRU-2, the minimum residency from the "
     "last use), measured here beside it. The lines above say how the two compare.",

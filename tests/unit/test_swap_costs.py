@@ -110,11 +110,12 @@ def test_a_replica_is_priced_as_the_agents_cost_policy_prices_it() -> None:
         loaded_at=T0 - dt.timedelta(seconds=100),
         load_seconds=12.0,
     )
-    # normal (weight 2) x 0.1 requests/s x its measured 12 s load
+    # normal (weight 2) x 0.1 requests/s x its load, estimated from its size (2 s + 8 GiB at
+    # 1 GiB/s), not the 12 s its agent measured (which counts waiting behind other loads)
     price, young = replica_figures(
         "ns.m", ollama, loaded, ReplicaDemand(rate=0.1, in_use=0, served=True), T0, config
     )
-    assert (price, young) == (pytest.approx(2 * 0.1 * 12), False)
+    assert (price, young) == (pytest.approx(2 * 0.1 * 10), False)
     # a request on it, or loaded 100 s ago for none yet within a 200 s minimum residency: young
     assert replica_figures("ns.m", ollama, loaded, ReplicaDemand(0.1, 1, True), T0, config)[1]
     longer = EvictionConfig(min_residency_seconds=200)
@@ -137,7 +138,7 @@ def test_a_replica_is_priced_as_the_agents_cost_policy_prices_it() -> None:
     # no rate (no gateway counted it): 1 / idle seconds, from the gateway's last request
     idle = ReplicaDemand(last_request=T0 - dt.timedelta(seconds=50))
     price, _ = replica_figures("ns.m", ollama, loaded, idle, T0, config)
-    assert price == pytest.approx(2 * (1 / 50) * 12)
+    assert price == pytest.approx(2 * (1 / 50) * 10)
 
 
 async def test_the_operator_swaps_out_what_is_asked_for_least_by_the_gateways_counts() -> None:

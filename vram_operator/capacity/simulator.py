@@ -913,8 +913,8 @@ class Simulation:
 
     def _swap_costs(self, model: int, now: float) -> SwapCosts:
         """Each replica `model` may displace on a GPU it may go to, as the operator's `cost`
-        swap order sees it (`swap_figures`): its assignment, its agent's report (the load time
-        it took) and the gateways' figures (decayed rate, requests running or waiting, served
+        swap order sees it (`swap_figures`): its assignment, its agent's report (state, size,
+        times) and the gateways' figures (decayed rate, requests running or waiting, served
         since its load). The others are never asked for. A replica's view is rebuilt only when
         one of those changes (its rate only with a request, `_rate`)."""
         stamp = EPOCH + now
