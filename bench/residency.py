@@ -290,7 +290,8 @@ def reading(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> str:
     )
     orders = {
         "demand": "the settled models whose eviction costs least in loads to come (`cost`: "
-        "priority weight x the rate of the gateway's counts x its load time estimated from its size)",
+        "priority weight x the rate of the gateway's counts x its load time estimated from its "
+        "size)",
         "demand-lru2": "the settled one asked for least recently before its last request "
         "(`lru2`), else the least recently used",
     }

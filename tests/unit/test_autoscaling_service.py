@@ -21,7 +21,9 @@ pytestmark = pytest.mark.unit
 
 
 async def demand_service(
-    store: MemoryStore, clock: Clock, swap_order: Literal["cost", "lru2"] = "cost"
+    store: MemoryStore,
+    clock: Clock,
+    swap_order: Literal["cost", "lru2"] = OperatorConfig.swap_order,
 ) -> OperatorService:
     placement = PlacementConfig(heartbeat_grace_seconds=1e9, min_residency_seconds=30)
     config = OperatorConfig(placement=placement, gpu_reserve_bytes=0, swap_order=swap_order)

@@ -77,7 +77,7 @@ async def test_the_operator_swaps_out_the_model_asked_for_once() -> None:
     store.add_node("n1", total=24 * GI)
     for name in ("a", "b", "c"):
         store.apply(name, vram="10Gi")
-    svc = await demand_service(store, clock, swap_order="lru2")
+    svc = await demand_service(store, clock)
     await drain(svc)
     for name in ("a", "b"):
         svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")

@@ -146,7 +146,7 @@ async def test_the_operator_swaps_out_what_is_asked_for_least_by_the_gateways_co
     store.add_node("n1", total=24 * GI)
     for name in ("a", "b", "c"):
         store.apply(name, vram="10Gi")
-    svc = await demand_service(store, clock)
+    svc = await demand_service(store, clock, swap_order="cost")
     await drain(svc)
     for name in ("a", "b"):
         svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")
@@ -186,7 +186,7 @@ async def test_a_model_with_requests_in_flight_is_not_swapped_out() -> None:
     store.add_node("n1", total=24 * GI)
     for name in ("a", "b", "c"):
         store.apply(name, vram="10Gi", priority="normal")
-    svc = await demand_service(store, clock)
+    svc = await demand_service(store, clock, swap_order="cost")
     await drain(svc)
     for name in ("a", "b"):
         svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")
@@ -217,7 +217,7 @@ async def test_a_model_nobody_asked_for_goes_before_one_asked_for_once() -> None
     store.add_node("n1", total=24 * GI)
     for name in ("a", "b", "c"):
         store.apply(name, vram="10Gi")
-    svc = await demand_service(store, clock)
+    svc = await demand_service(store, clock, swap_order="cost")
     await drain(svc)
     for name in ("b", "a"):
         body = store.report("n1", f"ns.{name}", ModelState.LOADED)
