@@ -300,7 +300,7 @@ def compare(
     lines += [
         f"- `cost` had fewer cold-load seconds than `hybrid`, the agents' former default, in "
         f"{fewer('cost', 'hybrid')}/{total} cells; `operator` than `operator-lru2`, the "
-        f"operator's former order, in {fewer(OPERATOR, OPERATOR_LRU2)}/{total}",
+        f"operator's default order, in {fewer(OPERATOR, OPERATOR_LRU2)}/{total}",
         f"- below the offline reference: `cost` in {fewer('cost', 'offline')}/{total} cells, "
         f"`operator` in {fewer(OPERATOR, 'offline')}/{total}",
         f"- `oracle-rate` (the cost rule with the true rates) had more cold-load seconds than "
