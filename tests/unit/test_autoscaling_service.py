@@ -34,7 +34,7 @@ async def demand_service(
 
 
 def wanted(
-    name: str, waiting: int = 0, in_flight: int = 0, last: float | None = None
+    name: str, waiting: int = 0, in_flight: int = 0, last: float | None = None, requests: int = 0
 ) -> ModelDemand:
     moment = None if last is None else T0 + dt.timedelta(seconds=last)
     return ModelDemand(
@@ -42,10 +42,28 @@ def wanted(
         name,
         "ollama",
         f"{name}:1b",
+        requests=requests,
         in_flight=in_flight,
         waiting=waiting,
         last_request=moment,
     )
+
+
+async def full_node(
+    clock: Clock, swap_order: Literal["cost", "lru2"] = OperatorConfig.swap_order
+) -> tuple[MemoryStore, OperatorService]:
+    """A 24 GiB node holding ns.a and ns.b (10 GiB each, reported Loaded); ns.c, as large,
+    applied and waiting for room."""
+    store = MemoryStore()
+    store.add_node("n1", total=24 * GI)
+    for name in ("a", "b", "c"):
+        store.apply(name, vram="10Gi")
+    svc = await demand_service(store, clock, swap_order)
+    await drain(svc)
+    for name in ("a", "b"):
+        svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")
+    await drain(svc)
+    return store, svc
 
 
 async def test_scale_to_zero_after_the_delay_and_back_on_a_held_request() -> None:

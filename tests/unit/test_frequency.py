@@ -9,11 +9,11 @@ import datetime as dt
 import pytest
 from test_autoscaling import CONFIG, T0, view
 from test_autoscaling import wanted as request
-from test_autoscaling_service import demand_service, wanted
-from test_operator_service import GI, Clock, MemoryStore, condition, drain
+from test_autoscaling_service import full_node, wanted
 from test_operator_service import T0 as START
+from test_operator_service import Clock, condition, drain
 
-from vram_operator.api import ModelState, Priority
+from vram_operator.api import Priority
 from vram_operator.api.demand import ModelDemand
 from vram_operator.operator.demand import request_before_last
 from vram_operator.operator.placement import place
@@ -73,20 +73,11 @@ def test_frequency_never_beats_priority_or_the_minimum_residency() -> None:
 
 
 async def test_the_operator_swaps_out_the_model_asked_for_once() -> None:
-    store, clock = MemoryStore(), Clock()
-    store.add_node("n1", total=24 * GI)
-    for name in ("a", "b", "c"):
-        store.apply(name, vram="10Gi")
-    svc = await demand_service(store, clock)
-    await drain(svc)
-    for name in ("a", "b"):
-        svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")
-    await drain(svc)
+    clock = Clock()
+    store, svc = await full_node(clock, swap_order="lru2")
 
     def asked(name: str, requests: int, last: float, waiting: int = 0) -> ModelDemand:
-        entry = wanted(name, waiting=waiting, last=last)
-        entry.requests = requests
-        return entry
+        return wanted(name, waiting=waiting, last=last, requests=requests)
 
     # a was asked for twice (at 10 s and 30 s), b once, at 40 s: b is the one to go.
     for moment, reads in (

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from test_autoscaling_service import demand_service, wanted
+from test_autoscaling_service import demand_service, full_node, wanted
 from test_operator_service import GI, T0, Clock, MemoryStore, condition, drain
 
 from vram_operator.api import GPU, Assignment, Backend, ModelState, ResidentModel
@@ -142,20 +142,11 @@ def test_a_replica_is_priced_as_the_agents_cost_policy_prices_it() -> None:
 
 
 async def test_the_operator_swaps_out_what_is_asked_for_least_by_the_gateways_counts() -> None:
-    store, clock = MemoryStore(), Clock()
-    store.add_node("n1", total=24 * GI)
-    for name in ("a", "b", "c"):
-        store.apply(name, vram="10Gi")
-    svc = await demand_service(store, clock, swap_order="cost")
-    await drain(svc)
-    for name in ("a", "b"):
-        svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")
-    await drain(svc)
+    clock = Clock()
+    store, svc = await full_node(clock, swap_order="cost")
 
     def asked(name: str, requests: int, last: float, waiting: int = 0) -> ModelDemand:
-        entry = wanted(name, waiting=waiting, last=last)
-        entry.requests = requests
-        return entry
+        return wanted(name, waiting=waiting, last=last, requests=requests)
 
     # The first read is a starting point; then a is asked for 6 times, b twice, more recently.
     for moment, reads in (
@@ -182,15 +173,8 @@ async def test_the_operator_swaps_out_what_is_asked_for_least_by_the_gateways_co
 
 
 async def test_a_model_with_requests_in_flight_is_not_swapped_out() -> None:
-    store, clock = MemoryStore(), Clock()
-    store.add_node("n1", total=24 * GI)
-    for name in ("a", "b", "c"):
-        store.apply(name, vram="10Gi", priority="normal")
-    svc = await demand_service(store, clock, swap_order="cost")
-    await drain(svc)
-    for name in ("a", "b"):
-        svc.observe_gpunode(store.report("n1", f"ns.{name}", ModelState.LOADED), "n1")
-    await drain(svc)
+    clock = Clock()
+    store, svc = await full_node(clock, swap_order="cost")
     clock.now = T0 + dt.timedelta(seconds=100)
     reads = {
         "ns.a": wanted("a", in_flight=1, last=90),
@@ -227,8 +211,7 @@ async def test_a_model_nobody_asked_for_goes_before_one_asked_for_once() -> None
     await drain(svc)
     await svc.apply_demand({})
     clock.now = T0 + dt.timedelta(seconds=60)
-    once = wanted("a", last=60)
-    once.requests = 1
+    once = wanted("a", last=60, requests=1)
     await svc.apply_demand({"ns.a": once})
     clock.now = T0 + dt.timedelta(seconds=100)
     await svc.apply_demand({"ns.a": once, "ns.c": wanted("c", waiting=1, last=100)})
