@@ -30,6 +30,7 @@ import collections
 import contextlib
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -213,6 +214,18 @@ def run(label: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             requests = list(zip(trace.times, trace.models, strict=True))
             results = asyncio.run(replay(url, requests))
             log = operator.log_path.read_text(errors="replace")
+            if args.logs is not None:
+                kept = args.logs / label
+                for path in workdir.rglob("*.log"):
+                    target = kept / path.relative_to(workdir)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                (kept / "requests.jsonl").write_text(
+                    "".join(
+                        json.dumps({"at": at, "model": m, "waited": w, "status": code}) + "\n"
+                        for (at, m), (w, code) in zip(requests, results, strict=True)
+                    )
+                )
         finally:
             cluster.stop()
             api.close()
@@ -328,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-residency", type=float, default=10.0)
     parser.add_argument("--runs", default="fixed,demand,demand-lru2")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument(
+        "--logs", type=Path, help="keep each run's process logs and per-request results here"
+    )
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as root:

@@ -458,6 +458,47 @@ def test_nothing_is_evicted_when_even_evicting_everything_would_not_make_room(
     assert metric_sum(metrics(node), "vram_model_evictions_total") == 0
 
 
+def test_an_ollama_load_counts_room_over_the_gpus_ollama_chooses_from(
+    cluster: SimulatedCluster, nodes: GPUNodes
+) -> None:
+    """Ollama puts a model on the GPU with the most free memory, whatever GPU the operator
+    named: the room for a load is counted over the node's GPUs, as Ollama counts it, so a
+    model another GPU could hold is not refused because Ollama filled the named one."""
+    name = "agent-ollama-layout"
+    sizes = {"x:1": 2 * GIB, "y:1": 2 * GIB, "z:1": 6 * GIB, "w:1": 6 * GIB}
+    node = start(
+        cluster,
+        nodes,
+        name,
+        gpu_sizes=[8 * GIB, 8 * GIB],
+        agent_args=QUICK,
+        ollama_args=catalog(sizes),
+    )
+    first, second = simulated_uuid(name, 0), simulated_uuid(name, 1)
+
+    def on(gpu: str, key: str, model: str) -> None:
+        placed = assignment(key, model, vram_bytes=sizes[model])
+        nodes.assign(name, key, placed.model_copy(update={"gpu_uuid": gpu}))
+
+    # Both named on the first GPU (binpack fills it); Ollama puts y on the second, the emptier.
+    on(first, "default.x", "x:1")
+    in_state(nodes, name, "default.x", ModelState.LOADED)
+    on(first, "default.y", "y:1")
+    in_state(nodes, name, "default.y", ModelState.LOADED)
+    gpus = {d.uuid: d for d in SimulatedGPUs(node.gpu_state).devices()}
+    assert [gpus[first].used_bytes, gpus[second].used_bytes] == [2 * GIB, 2 * GIB]
+    # The second GPU is charged nothing, but holds y: z does not fit there, and does on the
+    # first, where Ollama puts it. Counted on the second GPU alone, it was refused.
+    on(second, "default.z", "z:1")
+    in_state(nodes, name, "default.z", ModelState.LOADED)
+    # 16 GiB less 10 held less 256 MiB on each: 6 GiB more does not fit anywhere.
+    on(second, "default.w", "w:1")
+    refused = in_state(nodes, name, "default.w", ModelState.FAILED)
+    assert refused.reason == "InsufficientVRAM"
+    assert refused.message is not None
+    assert "over the node's 2 GPUs" in refused.message
+
+
 def test_a_pipelines_activation_room_is_not_given_to_a_model_loaded_after_it(
     cluster: SimulatedCluster, nodes: GPUNodes
 ) -> None:

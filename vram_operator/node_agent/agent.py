@@ -461,8 +461,12 @@ class NodeAgent:
             # What it will hold there, by the rule the operator reserved it by.
             needed = footprint_bytes(assignment.backend, figure, gpu.total_bytes)
             self.registry.update(key, vram_bytes=needed, vram_source=source)
-            async with self._gpu_locks.setdefault(gpu.uuid, asyncio.Lock()):
-                if not await self._make_room(key, gpu, needed):
+            # A server that lays models out itself may put this one on any GPU: its loads
+            # take their turns node-wide, and each counts the room over every GPU.
+            whole_node = backend.lays_out_itself
+            lock = f"backend:{backend.kind}" if whole_node else gpu.uuid
+            async with self._gpu_locks.setdefault(lock, asyncio.Lock()):
+                if not await self._make_room(key, gpu, needed, whole_node):
                     return
                 self._maybe_drop_page_cache(needed)
                 info = await backend.load(
@@ -529,10 +533,17 @@ class NodeAgent:
                 return gpu
         return max(gpus, key=lambda g: g.free_bytes, default=None)
 
-    async def _make_room(self, key: str, gpu: GPU, needed: int) -> bool:
+    async def _make_room(self, key: str, gpu: GPU, needed: int, whole_node: bool = False) -> bool:
         """Wait for the models withdrawn from this GPU to finish unloading; False (and Failed,
         InsufficientVRAM, for the operator to place it afresh) when `needed` still does not fit
         beside what the GPU holds and what the other models here are budgeted to hold.
+
+        `whole_node`: the backend lays the model out itself (`lays_out_itself`), so the GPU
+        named is only where it is charged; the room is counted over every GPU of the node, as
+        the backend will count it. Checked on the named GPU, a model Ollama had put on another
+        GPU left room there that looked taken, and one it had put on this GPU was charged
+        elsewhere: the operator's swap-outs made room the load then refused
+        (bench/residency.py, one load in six failed InsufficientVRAM).
 
         Which assigned model gives way to which is the operator's decision (it withdraws the
         ones it displaces): the agent never evicts an assigned model to load another.
@@ -542,29 +553,41 @@ class NodeAgent:
             for other, task in self._tasks.items()
             if other in self._unloading
             and (entry := self.registry.get(other)) is not None
-            and entry.gpu_uuid == gpu.uuid
+            and (whole_node or entry.gpu_uuid == gpu.uuid)
         ]
         if unloading:
             await asyncio.wait(unloading, timeout=UNLOAD_WAIT_SECONDS)
-        fresh = {g.uuid: g for g in self._read_gpus().gpus}.get(gpu.uuid, gpu)
+        gpus = {g.uuid: g for g in self._read_gpus().gpus}
+        parents = {g.parent_uuid for g in gpus.values() if g.parent_uuid}
+        counted = (
+            [g for g in gpus.values() if g.uuid not in parents]
+            if whole_node
+            else [gpus.get(gpu.uuid, gpu)]
+        )
         # Free is what neither the reading nor the book gives away: memory a resident model
         # may still take (a pipeline's activation peak, a load waiting its turn) looks free.
-        booked = self.registry.vram_on(gpu.uuid, excluding=key)
-        free = fresh.total_bytes - max(fresh.used_bytes, booked) - self.config.min_free_bytes
+        # Over the whole node the sums are compared: where a model sits matters no more.
+        booked = sum(self.registry.vram_on(g.uuid, excluding=key) for g in counted)
+        used = sum(g.used_bytes for g in counted)
+        total = sum(g.total_bytes for g in counted)
+        free = total - max(used, booked) - self.config.min_free_bytes * len(counted)
         if free >= needed:
             return True
         namespace = key.partition(".")[0]
+        uuids = {g.uuid for g in counted}
         holders = [
             f"{name_in(e.key, namespace)} {format_bytes(e.vram_bytes or 0)} {e.state.lower()}"
             for e in self.registry.snapshot()
-            if e.key != key and e.gpu_uuid == gpu.uuid and e.state is not ModelState.EVICTED
+            if e.key != key and e.gpu_uuid in uuids and e.state is not ModelState.EVICTED
         ]
         held = f"; held by {', '.join(holders)}" if holders else ""
+        where = f"over the node's {len(counted)} GPUs" if whole_node else f"on {gpu.uuid}"
+        each = " on each" if whole_node else ""
         self._fail(
             key,
             "InsufficientVRAM",
-            f"{format_bytes(needed)} needed, {format_bytes(max(free, 0))} free on {gpu.uuid}"
-            f" after keeping {format_bytes(self.config.min_free_bytes)} free{held}",
+            f"{format_bytes(needed)} needed, {format_bytes(max(free, 0))} free {where}"
+            f" after keeping {format_bytes(self.config.min_free_bytes)} free{each}{held}",
         )
         return False
 

@@ -230,6 +230,10 @@ class DemandAwareBackend:
     def can_park(self) -> bool:
         return self.inner.can_park
 
+    @property
+    def lays_out_itself(self) -> bool:
+        return self.inner.lays_out_itself
+
     async def health(self) -> BackendHealth:
         return await self.inner.health()
 

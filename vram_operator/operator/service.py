@@ -835,6 +835,7 @@ class OperatorService:
                 demanded=self._waited_for(key),
                 parked=parked,
             )
+            costs = self._swap_costs() if request.demanded else None
             decision = self.reservations.place_and_reserve(
                 request,
                 views,
@@ -842,7 +843,7 @@ class OperatorService:
                 self.clock(),
                 self._recency(),
                 self._earlier,
-                self._swap_costs() if request.demanded else None,
+                costs,
             )
             to_park = plan_parking(decision.preempted, views) if request.demanded else frozenset()
             displaced = []
@@ -860,8 +861,14 @@ class OperatorService:
                     )
                     self._preempted[victim.key] = (PendingReason.SWAPPED_OUT.value, why)
                     self.metrics.swap_outs.labels("demand").inc()
+                    priced = f"; price {costs.prices.get(victim.key, 0.0):.3g}" if costs else ""
                     log.info(
-                        "swapping %s out of %s for %s (%s)", victim.key, victim.node, key, where
+                        "swapping %s out of %s for %s (%s%s)",
+                        victim.key,
+                        victim.node,
+                        key,
+                        where,
+                        priced,
                     )
                 else:
                     why = f"displaced from {victim.node} by {by}"

@@ -131,6 +131,13 @@ class ModelBackend(Protocol):
         """Whether park/wake move a model to host RAM and back (vLLM sleep level 1)."""
         ...
 
+    @property
+    def lays_out_itself(self) -> bool:
+        """Whether the server picks the GPUs a model goes on (Ollama spreads over every GPU it
+        sees, most free first): the GPU the operator named is then where the model is charged,
+        not where it lands, so room for a load is counted over the whole node."""
+        ...
+
     async def health(self) -> BackendHealth:
         """Whether the server answers; never raises."""
         ...

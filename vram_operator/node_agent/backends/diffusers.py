@@ -100,6 +100,7 @@ class DiffusersBackend:
 
     kind = Backend.DIFFUSERS
     can_park = True
+    lays_out_itself = False  # each pipeline goes on the GPU the load names
 
     def __init__(
         self,

@@ -227,6 +227,9 @@ class OllamaBackend:
 
     kind = Backend.OLLAMA
     can_park = False
+    lays_out_itself = True
+    """llm/server.go createLayout (0.12) puts a model on the GPUs with the most free memory,
+    split over several when none holds it alone; nothing in a request names a GPU."""
 
     def __init__(
         self,

@@ -117,6 +117,7 @@ class VLLMBackend:
 
     kind = Backend.VLLM
     can_park = True
+    lays_out_itself = False  # each server runs on the GPU the supervisor gives it
 
     def __init__(
         self,
