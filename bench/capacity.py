@@ -117,14 +117,13 @@ PROSE = (
     "3. `operator-lru2` and `operator` are what decides in a cluster with a gateway: since the"
     " agents no longer evict an assigned model for another (issue 7), the operator's `place`, "
     "told the model is demanded, picks the GPU and the models to swap out, and `plan_parking` "
-    "parks those that can sleep. `operator-lru2` is its default, `--swap-order lru2` (lowest "
-    "priority first, then LRU-2, the minimum residency from the last use); `operator` is "
-    "`--swap-order cost`, which prices each replica as the agents' `cost` rule does "
-    "(`placement.swap_figures`: the rate from the growth of the gateways' request counts, its "
-    "load time estimated from its size) and keeps a replica as long as the agents' served rule"
-    " says it is young. The lines above say how the two compare here; on the local control "
-    'plane ("Residency" below) `lru2` kept more requests warm, which these figures do not '
-    "explain, so `lru2` stays the operator's default until that is understood.",
+    "parks those that can sleep. `operator` is its default, `--swap-order cost`, which prices "
+    "each replica as the agents' `cost` rule does (`placement.swap_figures`: the rate from the"
+    " growth of the gateways' request counts, its load time estimated from its size) and "
+    "keeps a replica as long as the agents' served rule says it is young; `operator-lru2` is "
+    "`--swap-order lru2` (lowest priority first, then LRU-2, the minimum residency from the "
+    "last use). The lines above say how the two compare here; the local control plane "
+    '("Residency" below) measures both orders on real processes.',
     "4. The offline reference is not an optimum: with models of different sizes and load "
     "costs, evicting the model needed furthest ahead can cost more than a price-aware choice,"
     " and it leaves requests unserved like any other rule; where a policy came below it the "
@@ -148,9 +147,9 @@ PROSE = (
     "cold-load seconds leave out the loads its unserved requests would have needed: read "
     "them with the unserved counts beside them.",
     "",
-    "`cost` is the agents' default (`--eviction-policy`, the chart's `agent.policy`); the "
-    "operator's swap order is `lru2` by default, `cost` on request (the chart's "
-    "`operator.placement.swapOrder`).",
+    "`cost` is the agents' default (`--eviction-policy`, the chart's `agent.policy`) and the "
+    "operator's default swap order (`--swap-order`, the chart's "
+    "`operator.placement.swapOrder`), `lru2` on request.",
 )
 
 
@@ -221,7 +220,7 @@ def compare(
     ]
     flat = list(pool.map(_run, jobs))
     rows = [("trace", "GPUs / models", "requests", "lru cold-load s", *POLICY_NAMES)]
-    met = {policy: [0, 0, 0] for policy in (OPERATOR_LRU2, OPERATOR, DEFAULT)}
+    met = {policy: [0, 0, 0] for policy in (OPERATOR, DEFAULT, OPERATOR_LRU2)}
     goal_rows = [
         ("trace", "GPUs", "policy", "<= 0.8 x lru", "<= 0.8 x ollama", "<= 1.15 x offline")
     ]
@@ -299,8 +298,8 @@ def compare(
 
     lines += [
         f"- `cost` had fewer cold-load seconds than `hybrid`, the agents' former default, in "
-        f"{fewer('cost', 'hybrid')}/{total} cells; `operator` than `operator-lru2`, the "
-        f"operator's default order, in {fewer(OPERATOR, OPERATOR_LRU2)}/{total}",
+        f"{fewer('cost', 'hybrid')}/{total} cells; `operator`, the operator's default order, "
+        f"than `operator-lru2` in {fewer(OPERATOR, OPERATOR_LRU2)}/{total}",
         f"- below the offline reference: `cost` in {fewer('cost', 'offline')}/{total} cells, "
         f"`operator` in {fewer(OPERATOR, 'offline')}/{total}",
         f"- `oracle-rate` (the cost rule with the true rates) had more cold-load seconds than "
@@ -323,8 +322,8 @@ def compare(
                 "that much held by them"
             )
     labels = {
-        OPERATOR_LRU2: f"`{OPERATOR_LRU2}` (the operator's default swap order, `lru2`)",
-        OPERATOR: f"`{OPERATOR}` (the operator's `--swap-order cost`)",
+        OPERATOR_LRU2: f"`{OPERATOR_LRU2}` (the operator's `--swap-order lru2`)",
+        OPERATOR: f"`{OPERATOR}` (the operator's default swap order, `cost`)",
         DEFAULT: f"`{DEFAULT}` (the agents' default eviction policy)",
     }
     for policy, (lru_met, ollama_met, offline_met) in met.items():
@@ -472,7 +471,7 @@ def main() -> int:
         "over-commits were 0 in every run (checked by the script). `oracle-rate` is the "
         "`cost` rule told each model's true rate over the whole trace, `oracle-lfu` evicts "
         "the lowest true rate (blind to size and cost), `offline` the model needed furthest "
-        "ahead: none of the three can run online. `operator-lru2` (the default) and `operator` "
+        "ahead: none of the three can run online. `operator` (the default) and `operator-lru2` "
         "are not agent policies but the operator's own swap-out for waiting requests, which a "
         "cluster with a gateway runs, by its two `--swap-order`s (point 3 below).",
         "",

@@ -14,7 +14,7 @@ through one gateway, each request sent at its time.
   model with no room swaps out the settled ones whose eviction costs least in loads to come
   (`--swap-order cost`, the default; young ones stay: requests running or waiting, or loaded
   within `--min-residency` and not asked for since);
-- demand-lru2: the same with `--swap-order lru2`, the former order (the one asked for least
+- demand-lru2: the same with `--swap-order lru2` (the one asked for least
   recently before its last request, none used within `--min-residency`).
 
 Warm hit: answered 200 in under 1 s (a load takes `--load-seconds`). Added latency: the time
@@ -241,6 +241,9 @@ def run(label: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "mean_all": statistics.fmean(s for s, _ in results),
         "p99_ok": sorted(ok)[int(0.99 * (len(ok) - 1))] if ok else float("nan"),
         "swaps": log.count("swapping "),
+        "refused": sum(
+            1 for line in log.splitlines() if "to place it afresh (InsufficientVRAM" in line
+        ),
     }
 
 
@@ -283,6 +286,7 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
         ("p99 latency, answered", lambda r: f"{r['p99_ok']:.2f} s"),
         ("mean latency, every request (a 503 counts its wait)", lambda r: f"{r['mean_all']:.2f} s"),
         ("swap-outs", lambda r: str(r["swaps"])),
+        ("loads the agent refused (InsufficientVRAM), placed afresh", lambda r: str(r["refused"])),
     ]
     for name, cell in figures:
         lines.append(f"| {name} | " + " | ".join(cell(r) for r in rows) + " |")

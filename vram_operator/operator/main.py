@@ -88,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--swap-order",
         choices=("cost", "lru2"),
         default=OperatorConfig.swap_order,
-        help="what a model requests wait for swaps out (with --gateway-demand-url): lru2, "
-        "lowest priority first, then asked for least recently before the last request, or "
-        "cost, the settled models whose eviction costs least in loads to come (the agents' "
-        "default eviction rule)",
+        help="what a model requests wait for swaps out (with --gateway-demand-url): cost, the "
+        "settled models whose eviction costs least in loads to come (the agents' default "
+        "eviction rule), or lru2, lowest priority first, then asked for least recently before "
+        "the last request",
     )
     parser.add_argument(
         "--gpu-node-selector",

@@ -127,14 +127,13 @@ class OperatorConfig:
     gpu_node_selector: dict[str, str] | None = None
     """Nodes (by label, all of them when empty) that run an agent: the operator creates their
     GPUNodes, so agents need no right to create one. None: the agents create their own."""
-    swap_order: Literal["cost", "lru2"] = "lru2"
+    swap_order: Literal["cost", "lru2"] = "cost"
     """What a model requests wait for swaps out, among the settled models its priority may
-    displace: `lru2` (lowest priority first, then the one asked for least recently before its
-    last request), or `cost`, the agents' default eviction rule (the set whose summed
-    `policy.eviction.price` is least, on the GPU where that is least). The capacity simulator
-    favours `cost` (BENCHMARKS.md, "Capacity"), but on the local control plane `lru2` kept more
-    requests warm (BENCHMARKS.md, "Residency"), for a reason not found yet: `lru2` stays the
-    default until it is."""
+    displace: `cost`, the agents' default eviction rule (the set whose summed
+    `policy.eviction.price` is least, on the GPU where that is least), or `lru2` (lowest
+    priority first, then the one asked for least recently before its last request). `cost`
+    had fewer cold-load seconds in the capacity simulator (BENCHMARKS.md, "Capacity") and kept
+    more requests warm on the local control plane (BENCHMARKS.md, "Residency")."""
     pricing: EvictionConfig = dataclasses.field(default_factory=EvictionConfig)
     """The load and wake speeds `price` assumes for a model whose agent reports no load time."""
 
