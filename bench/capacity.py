@@ -401,6 +401,10 @@ def sensitivity(seed: int, base: ClusterSpec, pool: ProcessPoolExecutor) -> list
     return lines
 
 
+SPEED_POLICIES = (DEFAULT, OPERATOR)
+"""The agents' default and the operator's default swap-out, each timed on every GPU count."""
+
+
 def speed(requests: int, seed: int, base: ClusterSpec, gpus: int, policy: str = DEFAULT) -> str:
     """Wall seconds, in this process (one core), for `requests` over 200 models on `gpus`."""
     models = _models(200, seed)
@@ -436,8 +440,7 @@ def main() -> int:
         print(f"comparison: {compare_seconds:.0f} s", file=sys.stderr)
         extra = [] if args.no_sensitivity else sensitivity(args.seed, base, pool)
     counts = [int(g) for g in args.speed_gpus.split(",")]
-    rates = [speed(args.requests, args.seed, base, g) for g in counts]
-    rates.append(speed(args.requests, args.seed, base, counts[-1], OPERATOR))
+    rates = [speed(args.requests, args.seed, base, g, p) for g in counts for p in SPEED_POLICIES]
     try:
         plot_results(shown, ROOT / "docs")
         plotted = f"docs/simulate.png is the {SHOWN[0]}, {SHOWN[1]} GPU run."

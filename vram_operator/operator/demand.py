@@ -37,7 +37,8 @@ def request_before_last(
 ) -> dt.datetime | None:
     """When a model was asked for before its latest request, as two successive reads tell
     (`before`, `after`; `known` the answer so far): what makes a model asked for again and
-    again outrank one asked for once (LRU-2) when the operator chooses what to swap out.
+    again outrank one asked for once (LRU-2) when the operator chooses what to swap out by
+    `--swap-order lru2`.
 
     Several new requests in one read: the one before the last is as recent as the last. At
     first sight (the operator just started), a model asked for more than once counts as asked

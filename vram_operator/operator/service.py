@@ -16,9 +16,10 @@ Demand (with `--gateway-demand-url`): a loop reads every gateway replica's /dema
 `demand_interval` and acts on the figures in memory, so traffic costs no API write of its own:
 autoscaled models get their count from `autoscaling.next_scale` (queued only when it changes);
 a model requests wait for, with no ready replica, is queued and placed as `demanded` (it may
-swap out the coldest settled model of its priority or lower, which then reports SwappedOut); a
-replica the agent unloaded for idleness (keepAlive) is withdrawn and counted idle until the
-next request, which brings it back instead of leaving it Evicted.
+swap out settled models of its priority or lower, by the default `swap_order` those whose
+eviction costs least in loads to come, which then report SwappedOut); a replica the agent
+unloaded for idleness (keepAlive) is withdrawn and counted idle until the next request, which
+brings it back instead of leaving it Evicted.
 """
 
 from __future__ import annotations
