@@ -61,6 +61,7 @@ from vram_operator.operator.placement import (
     plan_parking,
     replica_resident,
     swap_figures,
+    swap_young,
 )
 from vram_operator.policy.eviction import (
     POLICIES,
@@ -256,9 +257,11 @@ class Simulation:
         self.placement = PlacementConfig(strategy=cluster.strategy, allow_preemption=False)  # type: ignore[arg-type]
         self._pricing = EvictionConfig(min_residency_seconds=cluster.min_residency_seconds)
         """The operator's pricing and minimum residency under `operator` (`OperatorConfig`)."""
-        self._replicas: dict[int, tuple[_Copy, tuple[bool, float, int | None, bool], Resident]] = {}
-        """Under `operator`, each copy's view for the swap order, with the figures it was built
-        from (`_swap_costs`)."""
+        self._replicas: dict[
+            int, tuple[_Copy, tuple[bool, float, int | None, bool], Resident, float]
+        ] = {}
+        """Under `operator`, each copy's view for the swap order and its price, with the figures
+        they were built from (`_swap_costs`)."""
         self.swapping = PlacementConfig(
             strategy=cluster.strategy,  # type: ignore[arg-type]
             min_residency_seconds=cluster.min_residency_seconds,
@@ -916,7 +919,8 @@ class Simulation:
         swap order sees it (`swap_figures`): its assignment, its agent's report (state, size,
         times) and the gateways' figures (decayed rate, requests running or waiting, served
         since its load). The others are never asked for. A replica's view is rebuilt only when
-        one of those changes (its rate only with a request, `_rate`)."""
+        one of those changes (its rate only with a request, `_rate`), and its price with it: a
+        rate read at the base moment makes the price independent of the moment asked."""
         stamp = EPOCH + now
         demanded = self.cluster.gateway_demand
         rank = self.models[model].priority.rank
@@ -930,11 +934,14 @@ class Simulation:
                 figures = (c.ready_at <= now, self.last_access[c.model], in_use, served)
                 known = self._replicas.get(c.model)
                 if known is None or known[0] is not c or known[1] != figures:
-                    known = (c, figures, self._replica(c, now, figures))
+                    replica = self._replica(c, now, figures)
+                    cost, _ = swap_figures(replica, stamp, self._pricing)
+                    known = (c, figures, replica, cost)
                     self._replicas[c.model] = known
-                prices[known[2].key], is_young = swap_figures(known[2], stamp, self._pricing)
-                if is_young:
-                    young.add(known[2].key)
+                replica = known[2]
+                prices[replica.key] = known[3]
+                if swap_young(replica, stamp, self._pricing):
+                    young.add(replica.key)
         return SwapCosts(prices, frozenset(young))
 
     def _replica(

@@ -344,11 +344,16 @@ def replica_resident(
 
 def swap_figures(replica: Resident, now: float, config: EvictionConfig) -> tuple[float, bool]:
     """A replica's figures under the `cost` swap order: its `eviction.price` and whether it is
-    young (still loading, or `eviction.is_young` under `config`'s minimum residency). Without
-    a rate its recency stands in, and without the gateways' figures the minimum residency runs
-    from its load, as for an agent without demand figures."""
+    young (`swap_young`). Without a rate its recency stands in."""
+    return price(replica, now, config), swap_young(replica, now, config)
+
+
+def swap_young(replica: Resident, now: float, config: EvictionConfig) -> bool:
+    """Whether the `cost` swap order keeps it: still loading, or `eviction.is_young` under
+    `config`'s minimum residency (without the gateways' figures the minimum residency runs from
+    its load, as for an agent without demand figures)."""
     settling = replica.state not in (ModelState.LOADED, ModelState.SLEEPING)
-    return price(replica, now, config), settling or is_young(replica, now, config)
+    return settling or is_young(replica, now, config)
 
 
 def plan_parking(victims: Iterable[Victim], nodes: Iterable[NodeView]) -> frozenset[Victim]:
