@@ -463,7 +463,9 @@ def test_an_ollama_load_counts_room_over_the_gpus_ollama_chooses_from(
 ) -> None:
     """Ollama puts a model on the GPU with the most free memory, whatever GPU the operator
     named: the room for a load is counted over the node's GPUs, as Ollama counts it, so a
-    model another GPU could hold is not refused because Ollama filled the named one."""
+    model another GPU could hold is not refused because Ollama filled the named one; and the
+    memory Ollama's models hold on a GPU other than the one they are charged to is not taken
+    for another process's, which the agent would make room for by evicting them."""
     name = "agent-ollama-layout"
     sizes = {"x:1": 2 * GIB, "y:1": 2 * GIB, "z:1": 6 * GIB, "w:1": 6 * GIB}
     node = start(
@@ -471,7 +473,7 @@ def test_an_ollama_load_counts_room_over_the_gpus_ollama_chooses_from(
         nodes,
         name,
         gpu_sizes=[8 * GIB, 8 * GIB],
-        agent_args=QUICK,
+        agent_args=[*QUICK, "--min-residency", "0"],
         ollama_args=catalog(sizes),
     )
     first, second = simulated_uuid(name, 0), simulated_uuid(name, 1)
@@ -497,6 +499,17 @@ def test_an_ollama_load_counts_room_over_the_gpus_ollama_chooses_from(
     assert refused.reason == "InsufficientVRAM"
     assert refused.message is not None
     assert "over the node's 2 GPUs" in refused.message
+    # The first GPU holds x and z (8 GiB) and is charged x and y (4 GiB): nothing else uses
+    # it, and every model may go at once (no minimum residency), yet none does.
+    status = reports_later(nodes, name, count=3)
+    states = {m.key: m.state for m in status.models}
+    assert states == {
+        "default.x": ModelState.LOADED,
+        "default.y": ModelState.LOADED,
+        "default.z": ModelState.LOADED,
+        "default.w": ModelState.FAILED,
+    }
+    assert metric_sum(metrics(node), "vram_model_evictions_total") == 0
 
 
 def test_a_pipelines_activation_room_is_not_given_to_a_model_loaded_after_it(

@@ -557,12 +557,11 @@ class NodeAgent:
         ]
         if unloading:
             await asyncio.wait(unloading, timeout=UNLOAD_WAIT_SECONDS)
-        gpus = {g.uuid: g for g in self._read_gpus().gpus}
-        parents = {g.parent_uuid for g in gpus.values() if g.parent_uuid}
+        reading = self._read_gpus().gpus
         counted = (
-            [g for g in gpus.values() if g.uuid not in parents]
+            _units(reading)
             if whole_node
-            else [gpus.get(gpu.uuid, gpu)]
+            else [next((g for g in reading if g.uuid == gpu.uuid), gpu)]
         )
         # Free is what neither the reading nor the book gives away: memory a resident model
         # may still take (a pipeline's activation peak, a load waiting its turn) looks free.
@@ -757,12 +756,15 @@ class NodeAgent:
             self._last_host_step = now
         for action in host.actions:
             await self._demote(action.key, action.kind, host.reason, host.message)
+        entries = self.registry.snapshot()  # again: the host's demotions changed some
+        foreign = self._foreign_on_node(entries)
         for gpu in self._last_gpus.values():
-            on_gpu = [e for e in self.registry.snapshot() if e.gpu_uuid == gpu.uuid]
+            on_gpu = [e for e in entries if e.gpu_uuid == gpu.uuid]
+            unmanaged = self._unmanaged(gpu, on_gpu)
             plan = plan_vram_pressure(
                 [self._resident(e) for e in on_gpu],
                 total_bytes=gpu.total_bytes - self.config.min_free_bytes,
-                unmanaged_bytes=self._unmanaged(gpu, on_gpu),
+                unmanaged_bytes=unmanaged if foreign is None else min(unmanaged, foreign),
                 now=now,
                 config=self.config.eviction,
                 host_under_pressure=self._host_under_pressure(),
@@ -770,6 +772,27 @@ class NodeAgent:
             )
             for action in plan.actions:
                 await self._demote(action.key, action.kind, plan.reason, plan.message)
+
+    def _foreign_on_node(self, entries: list[Entry]) -> int | None:
+        """With models of a backend that lays them out itself (Ollama) on the node: the VRAM
+        no model of ours explains over all its GPUs, the most any one GPU can show of other
+        processes'. Such a model is charged to the GPU the operator named, but may sit on
+        another, where its memory looked like another process's and the agent evicted models
+        to yield it (a test holds it). None where every model sits where it is charged."""
+        if not any(
+            e.state in ON_GPU
+            and (backend := self.backends.get(e.backend)) is not None
+            and backend.lays_out_itself
+            for e in entries
+        ):
+            return None
+        units = _units(list(self._last_gpus.values()))
+        managed = sum(
+            e.vram_bytes or 0
+            for e in entries
+            if e.state in ON_GPU and e.gpu_uuid in {g.uuid for g in units}
+        )
+        return max(0, sum(g.used_bytes for g in units) - managed)
 
     @staticmethod
     def _unmanaged(gpu: GPU, entries: list[Entry]) -> int:
@@ -948,3 +971,9 @@ class NodeAgent:
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC).replace(microsecond=0)
+
+
+def _units(gpus: list[GPU]) -> list[GPU]:
+    """The GPUs models go on: a physical GPU whose MIG instances are listed is theirs."""
+    parents = {g.parent_uuid for g in gpus if g.parent_uuid}
+    return [g for g in gpus if g.uuid not in parents]
