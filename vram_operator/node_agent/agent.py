@@ -543,7 +543,7 @@ class NodeAgent:
         the backend will count it. Checked on the named GPU, a model Ollama had put on another
         GPU left room there that looked taken, and one it had put on this GPU was charged
         elsewhere: the operator's swap-outs made room the load then refused
-        (bench/residency.py, one load in six failed InsufficientVRAM).
+        (bench/residency.py: 24 to 42 of 168 loads failed InsufficientVRAM, none since).
 
         Which assigned model gives way to which is the operator's decision (it withdraws the
         ones it displaces): the agent never evicts an assigned model to load another.
