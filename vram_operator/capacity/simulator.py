@@ -960,7 +960,6 @@ class Simulation:
             vram_bytes=c.hold,
             loaded_at=self._now(c.loaded_at),
             last_access=self._now(last_access),
-            load_seconds=self.cluster.load_seconds(self.cluster.nodes[c.node], spec),
         )
         demand = ReplicaDemand(self._rate(c.model), in_use, served and in_use is not None)
         assignment = self._assignment(c.model, c.gpu)

@@ -787,11 +787,7 @@ class NodeAgent:
         ):
             return None
         units = _units(list(self._last_gpus.values()))
-        managed = sum(
-            e.vram_bytes or 0
-            for e in entries
-            if e.state in ON_GPU and e.gpu_uuid in {g.uuid for g in units}
-        )
+        managed = sum(self.registry.vram_on(g.uuid) for g in units)
         return max(0, sum(g.used_bytes for g in units) - managed)
 
     @staticmethod

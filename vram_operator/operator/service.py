@@ -136,7 +136,8 @@ class OperatorConfig:
     had fewer cold-load seconds in the capacity simulator (BENCHMARKS.md, "Capacity") and kept
     more requests warm on the local control plane (BENCHMARKS.md, "Residency")."""
     pricing: EvictionConfig = dataclasses.field(default_factory=EvictionConfig)
-    """The load and wake speeds `price` assumes for a model whose agent reports no load time."""
+    """The load and wake speeds `price` assumes: a replica's load time is estimated from its
+    size (`placement.replica_resident`), never taken from its agent's report."""
 
 
 @dataclass
